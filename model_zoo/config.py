@@ -1,0 +1,51 @@
+"""Architecture configs: one small, serialisable description per net.
+
+A config is stored beside every set of weights in the manifest, so a model file can be rebuilt
+exactly without guessing (and without pickle). This module is torch-free so the API can read the
+manifest without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Norm = Literal["instance", "batch", "none"]
+Upsample = Literal["nearest+conv", "transposed"]
+OutputSquash = Literal["tanh", "sigmoid"]
+
+
+class StyleNetConfig(BaseModel):
+    """Johnson et al.'s style transfer net: c9s1-32, d64, d128, 5 x R128, u64, u32, c9s1-3.
+
+    Defaults are the authors' later improvements (instance norm, nearest+conv upsampling); the
+    paper's original is ``norm="batch", upsample="transposed"``. The output is squashed into
+    [0, 1] by ``(tanh(x) + 1) / 2`` ("tanh", the paper's scaled tanh) or ``sigmoid(x)``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["style"] = "style"
+    base_channels: int = Field(32, ge=4, le=256)
+    num_residual: int = Field(5, ge=0, le=32)
+    norm: Norm = "instance"
+    upsample: Upsample = "nearest+conv"
+    output: OutputSquash = "tanh"
+
+
+class SRNetConfig(BaseModel):
+    """Super-resolution net: c9s1-64, 4 x R64, log2(factor) x2-upsampling stages of 64, c9s1-3."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sr"] = "sr"
+    factor: Literal[2, 4, 8] = 4
+    channels: int = Field(64, ge=4, le=256)
+    num_residual: int = Field(4, ge=0, le=32)
+    norm: Norm = "batch"
+    upsample: Upsample = "nearest+conv"
+    output: OutputSquash = "tanh"
+
+
+ArchConfig = Annotated[StyleNetConfig | SRNetConfig, Field(discriminator="kind")]

@@ -1,0 +1,222 @@
+"""``python -m model_zoo.gallery``: the two pictures in ``docs/`` that show what the zoo does.
+
+* ``docs/gallery_styles.jpg``: every style model of the zoo on three photos (rows), the photo
+  itself in the first column.
+* ``docs/gallery_sr.jpg``: for each SR factor, crops of bicubic / pixel-loss model /
+  feature-loss model / HR, enlarged with nearest-neighbour so the pixels stay visible. The LR
+  input is made with the training degradation (``model_zoo.data.degrade``), as in evaluation.
+
+The default photos are Kodak images: they are the only photos in ``../shared/data`` that may be
+redistributed (the benchmark sets may not), which matters for a file committed to the
+repository. They are part of the training set, so the gallery illustrates rather than proves;
+the held-out numbers are in the evaluation tables (``python -m model_zoo.eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from model_zoo import registry
+from model_zoo.apply import run_model
+from model_zoo.data import degrade
+from model_zoo.eval import square_photo
+from model_zoo.imaging import load_rgb, to_image, to_tensor
+from model_zoo.manifest import ModelEntry
+from model_zoo.metrics import bicubic_upscale, modcrop, rgb_to_y
+
+log = logging.getLogger("model_zoo.gallery")
+
+KODAK = Path(__file__).resolve().parent.parent.parent / "shared/data/train/kodak_nonholdout"
+DEFAULT_STYLE_PHOTOS = [KODAK / "kodim15.jpg", KODAK / "kodim21.jpg", KODAK / "kodim08.jpg"]
+DEFAULT_SR_PHOTOS = [KODAK / "kodim08.jpg", KODAK / "kodim15.jpg"]
+LABEL_HEIGHT = 18
+BACKGROUND = (255, 255, 255)
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=13)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_grid(
+    rows: Sequence[Sequence[tuple[str, Image.Image | None]]], cell: int
+) -> Image.Image:
+    """Rows of (caption, tile) cells, each tile resized to ``cell`` px; None leaves a blank."""
+    columns = max(len(row) for row in rows)
+    step = cell + LABEL_HEIGHT
+    grid = Image.new("RGB", (columns * cell, len(rows) * step), BACKGROUND)
+    draw, font = ImageDraw.Draw(grid), _font()
+    for r, row in enumerate(rows):
+        for c, (caption, tile) in enumerate(row):
+            x, y = c * cell, r * step
+            draw.text((x + 4, y + 2), caption, fill=(0, 0, 0), font=font)
+            if tile is not None:
+                grid.paste(tile, (x, y + LABEL_HEIGHT))
+    return grid
+
+
+def save_jpeg(img: Image.Image, path: Path, quality: int) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=quality, optimize=True, progressive=True)
+    size = path.stat().st_size
+    log.info("wrote %s (%dx%d, %.0f KB)", path, img.width, img.height, size / 1024)
+    return size
+
+
+def style_gallery(
+    entries: Sequence[ModelEntry],
+    photos: Sequence[Path],
+    *,
+    root: str | None,
+    size: int,
+    cell: int,
+    precision: str = "fp32",
+) -> Image.Image:
+    """Stylise each photo at ``size`` px (square), shown at ``cell`` px."""
+    squares = [square_photo(load_rgb(p), size) for p in photos]
+    columns: list[tuple[str, list[Image.Image]]] = [("photo", squares)]
+    for entry in entries:
+        net, _ = registry.load_model(entry.name, root=root)
+        columns.append(
+            (entry.name, [to_image(run_model(net, to_tensor(s), precision)) for s in squares])
+        )
+    rows = [
+        [(name, tiles[i].resize((cell, cell), Image.Resampling.LANCZOS)) for name, tiles in columns]
+        for i in range(len(squares))
+    ]
+    return labelled_grid(rows, cell)
+
+
+def textured_crop_box(img: Image.Image, crop: int, stride: int = 8) -> tuple[int, int, int, int]:
+    """The ``crop`` x ``crop`` window with the most luma gradient energy: where SR differs."""
+    y = rgb_to_y(img)
+    energy = np.abs(np.diff(y, axis=0))[:, :-1] + np.abs(np.diff(y, axis=1))[:-1, :]
+    h, w = energy.shape
+    if h < crop or w < crop:
+        return (0, 0, min(crop, img.width), min(crop, img.height))
+    integral = np.pad(energy.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    best, best_xy = -1.0, (0, 0)
+    for top in range(0, h - crop + 1, stride):
+        for left in range(0, w - crop + 1, stride):
+            total = (
+                integral[top + crop, left + crop]
+                - integral[top, left + crop]
+                - integral[top + crop, left]
+                + integral[top, left]
+            )
+            if total > best:
+                best, best_xy = float(total), (left, top)
+    left, top = best_xy
+    return (left, top, left + crop, top + crop)
+
+
+def _sr_methods(entries: Sequence[ModelEntry]) -> dict[int, list[ModelEntry]]:
+    """Per factor: pixel-loss models first, then the feature-loss ones (the paper's order)."""
+    by_factor: dict[int, list[ModelEntry]] = {}
+    for entry in entries:
+        factor = int(entry.factor or entry.arch.factor)  # type: ignore[union-attr]
+        by_factor.setdefault(factor, []).append(entry)
+    for models in by_factor.values():
+        models.sort(key=lambda e: (e.loss != "pixel", e.name))
+    return dict(sorted(by_factor.items()))
+
+
+def sr_gallery(
+    entries: Sequence[ModelEntry],
+    photos: Sequence[Path],
+    *,
+    root: str | None,
+    crop: int,
+    cell: int,
+    precision: str = "fp32",
+) -> Image.Image:
+    """One row per (factor, photo): bicubic | models | HR on the most textured crop."""
+    rows: list[list[tuple[str, Image.Image | None]]] = []
+    nets = {e.name: registry.load_model(e.name, root=root)[0] for e in entries}
+    for factor, models in _sr_methods(entries).items():
+        for path in photos:
+            hr = modcrop(load_rgb(path), factor)
+            lr = to_image(degrade(to_tensor(hr), factor))
+            box = textured_crop_box(hr, crop)
+            outputs = [("bicubic", bicubic_upscale(lr, factor))]
+            for e in models:
+                out = to_image(run_model(nets[e.name], to_tensor(lr), precision))
+                outputs.append((f"{e.name} ({e.loss or 'sr'})", out))
+            outputs.append(("HR", hr))
+            rows.append(
+                [
+                    (
+                        f"x{factor} {label}",
+                        img.crop(box).resize((cell, cell), Image.Resampling.NEAREST),
+                    )
+                    for label, img in outputs
+                ]
+            )
+    return labelled_grid(rows, cell)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_zoo.gallery", description=__doc__)
+    parser.add_argument("--zoo", default=None, help="zoo folder (default: $MODEL_ZOO_DIR or ours)")
+    parser.add_argument("--photos", nargs="+", type=Path, default=DEFAULT_STYLE_PHOTOS)
+    parser.add_argument("--sr-photos", nargs="+", type=Path, default=DEFAULT_SR_PHOTOS)
+    parser.add_argument("--styles-out", type=Path, default=Path("docs/gallery_styles.jpg"))
+    parser.add_argument("--sr-out", type=Path, default=Path("docs/gallery_sr.jpg"))
+    parser.add_argument("--style-size", type=int, default=384, help="stylisation input size (px)")
+    parser.add_argument("--cell", type=int, default=160, help="style tile size in the grid (px)")
+    parser.add_argument("--sr-crop", type=int, default=80, help="HR crop side (px)")
+    parser.add_argument("--sr-cell", type=int, default=160, help="SR tile size in the grid (px)")
+    parser.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    missing = [str(p) for p in [*args.photos, *args.sr_photos] if not p.exists()]
+    if missing:
+        print(f"error: photos not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    entries = registry.list_models(args.zoo)
+    styles = [e for e in entries if e.kind == "style"]
+    srs = [e for e in entries if e.kind == "sr"]
+    if not styles and not srs:
+        print("error: the zoo has no models", file=sys.stderr)
+        return 2
+    total = 0
+    if styles:
+        grid = style_gallery(
+            styles,
+            args.photos,
+            root=args.zoo,
+            size=args.style_size,
+            cell=args.cell,
+            precision=args.precision,
+        )
+        total += save_jpeg(grid, args.styles_out, args.quality)
+    if srs:
+        grid = sr_gallery(
+            srs,
+            args.sr_photos,
+            root=args.zoo,
+            crop=args.sr_crop,
+            cell=args.sr_cell,
+            precision=args.precision,
+        )
+        total += save_jpeg(grid, args.sr_out, args.quality)
+    print(f"gallery: {total / 1024:.0f} KB in total")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Perceptual losses exactly as in PAPER.md (Johnson et al. 2016, section 3).
+
+All losses are means over the batch of the per-image quantities, so the weights do not depend on
+the batch size. Grams and losses are computed in fp32 even under autocast: squared activations of
+relu4_3 overflow bf16's precision and the style term would become noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """``G = F F^T / (C H W)`` per image: B x C x C."""
+    b, c, h, w = features.shape
+    flat = features.float().reshape(b, c, h * w)
+    return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
+
+
+def feature_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||phi(y_hat) - phi(y)||^2 / (C H W)``, averaged over the batch."""
+    return torch.mean((output.float() - target.float()) ** 2)
+
+
+def style_loss(
+    output_features: Mapping[str, torch.Tensor], target_grams: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Sum over layers of the squared Frobenius norm of the Gram difference, batch-averaged.
+
+    ``target_grams`` are 1 x C x C (one style image, broadcast over the batch) or B x C x C.
+    """
+    total = torch.zeros((), device=next(iter(output_features.values())).device)
+    for name, target in target_grams.items():
+        diff = gram_matrix(output_features[name]) - target.float()
+        total = total + diff.pow(2).sum(dim=(1, 2)).mean()
+    return total
+
+
+def pixel_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||y_hat - y||^2 / (C H W)``, averaged over the batch."""
+    return torch.mean((output.float() - target.float()) ** 2)
+
+
+def tv_loss(image: torch.Tensor) -> torch.Tensor:
+    """Total variation: sum of squared neighbour differences per image, batch-averaged.
+
+    Computed on [0, 1] images. The paper's lambda_TV in [1e-6, 1e-4] is on caffe-scaled
+    [0, 255] images with unit content weight; with our content weight of 1e5 on [0, 1] inputs the
+    equivalent range is about 1 to 100 (see README, "Loss weights").
+    """
+    x = image.float()
+    dh = (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum(dim=(1, 2, 3))
+    dw = (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum(dim=(1, 2, 3))
+    return (dh + dw).mean()

@@ -1,0 +1,176 @@
+"""The feed-forward image transformation networks of Johnson et al. (2016).
+
+Both nets take a batch of RGB images in [0, 1] and return RGB in [0, 1]. Every conv pads with
+reflection by k // 2 (the common later form of the paper's reflection-padded input), which keeps
+the nets fully convolutional: any input size works at test time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_zoo.config import ArchConfig, Norm, OutputSquash, SRNetConfig, StyleNetConfig, Upsample
+
+
+def _norm_layer(kind: Norm, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+class ConvLayer(nn.Module):
+    """Reflection-padded conv: zero padding causes border artefacts in stylised images."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> None:
+        super().__init__()
+        self.pad = nn.ReflectionPad2d(kernel // 2)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pad(x))
+
+
+class ConvNormReLU(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, norm: Norm) -> None:
+        super().__init__(
+            ConvLayer(in_ch, out_ch, kernel, stride),
+            _norm_layer(norm, out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """conv-norm-relu-conv-norm plus identity; no ReLU after the sum (as in the paper)."""
+
+    def __init__(self, channels: int, norm: Norm) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvLayer(channels, channels, 3),
+            _norm_layer(norm, channels),
+            nn.ReLU(inplace=True),
+            ConvLayer(channels, channels, 3),
+            _norm_layer(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Upsample2x(nn.Module):
+    """x2 upsampling. ``nearest+conv`` avoids the checkerboard artefacts of transposed convs."""
+
+    def __init__(self, in_ch: int, out_ch: int, mode: Upsample, norm: Norm) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "transposed":
+            self.conv: nn.Module = nn.ConvTranspose2d(
+                in_ch, out_ch, 3, stride=2, padding=1, output_padding=1
+            )
+        else:
+            self.conv = ConvLayer(in_ch, out_ch, 3)
+        self.norm = _norm_layer(norm, out_ch)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode != "transposed":
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.act(self.norm(self.conv(x)))
+
+
+def pad_to_valid(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
+    """Pad the bottom/right so each side is a multiple of ``multiple`` and at least ``minimum``.
+
+    Reflection where the image is big enough (no visible border), replication for tiny inputs
+    where reflection is undefined. Callers crop the output back.
+    """
+    height, width = x.shape[-2:]
+    target_h = max(minimum, height + (-height) % multiple)
+    target_w = max(minimum, width + (-width) % multiple)
+    pad_h, pad_w = target_h - height, target_w - width
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _squash(x: torch.Tensor, kind: OutputSquash) -> torch.Tensor:
+    if kind == "tanh":
+        return (torch.tanh(x) + 1.0) * 0.5
+    return torch.sigmoid(x)
+
+
+class StyleNet(nn.Module):
+    """c9s1-32, d64, d128, R128 x5, u64, u32, c9s1-3 (about 1.68 M parameters at defaults).
+
+    Inputs whose sides are not multiples of 4 (or are tiny) are padded and the output is
+    cropped back, so the output always has exactly the input's height and width.
+    """
+
+    def __init__(self, config: StyleNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or StyleNetConfig()
+        c, norm = self.config.base_channels, self.config.norm
+        self.encoder = nn.Sequential(
+            ConvNormReLU(3, c, 9, 1, norm),
+            ConvNormReLU(c, 2 * c, 3, 2, norm),
+            ConvNormReLU(2 * c, 4 * c, 3, 2, norm),
+        )
+        self.residuals = nn.Sequential(
+            *[ResidualBlock(4 * c, norm) for _ in range(self.config.num_residual)]
+        )
+        self.decoder = nn.Sequential(
+            Upsample2x(4 * c, 2 * c, self.config.upsample, norm),
+            Upsample2x(2 * c, c, self.config.upsample, norm),
+            ConvLayer(c, 3, 9),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        # Two stride-2 stages need sides divisible by 4; the 3x3 reflection pads at 1/4
+        # resolution need at least 2 pixels there.
+        x = pad_to_valid(x, multiple=4, minimum=8)
+        y = self.decoder(self.residuals(self.encoder(x)))
+        return _squash(y[..., :height, :width], self.config.output)
+
+
+class SRNet(nn.Module):
+    """c9s1-64, R64 x4, log2(f) x2-upsampling stages of 64, c9s1-3: output is exactly f x input."""
+
+    def __init__(self, config: SRNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SRNetConfig()
+        c, norm = self.config.channels, self.config.norm
+        stages = self.config.factor.bit_length() - 1
+        self.head = ConvNormReLU(3, c, 9, 1, norm)
+        self.residuals = nn.Sequential(
+            *[ResidualBlock(c, norm) for _ in range(self.config.num_residual)]
+        )
+        self.upsample = nn.Sequential(
+            *[Upsample2x(c, c, self.config.upsample, norm) for _ in range(stages)]
+        )
+        self.tail = ConvLayer(c, 3, 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        f = self.config.factor
+        # The 9x9 reflection-padded head needs at least 5 pixels per side.
+        x = pad_to_valid(x, multiple=1, minimum=5)
+        y = self.tail(self.upsample(self.residuals(self.head(x))))
+        return _squash(y[..., : height * f, : width * f], self.config.output)
+
+
+def build_net(config: ArchConfig) -> nn.Module:
+    """Rebuild a net from its stored config (the manifest's ``arch`` field)."""
+    if isinstance(config, StyleNetConfig):
+        return StyleNet(config)
+    if isinstance(config, SRNetConfig):
+        return SRNet(config)
+    raise TypeError(f"unknown architecture config: {type(config).__name__}")
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

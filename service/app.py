@@ -1,0 +1,568 @@
+"""The HTTP front end: validate uploads, queue jobs in Redis, answer with the worker's image.
+
+``create_app`` is the factory (``uvicorn service.app:create_app --factory``, or ``python -m
+service``). The API never imports torch: models are known from the zoo manifest, the work is done
+by ``python -m worker`` processes reading the same Redis stream.
+
+Every error is JSON ``{"error": <code>, "detail": <message or list>, ...}`` with a 4xx status for
+bad input, 503 (with ``Retry-After``) when the queue is full or Redis is unreachable, 504 when the
+result did not come in time (the job is cancelled so no worker computes it for nobody).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from jobqueue.protocol import Job, JobResult, Operation, OutputFormat
+from service.catalog import ManifestError, ModelCatalog, ModelMismatchError, UnknownModelError
+from service.images import DecodedImage, ImageError, ImageLimits, configure_pillow, decode_image
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import ApiMetrics
+from service.queue import JobQueue, JobTimeoutError, QueueFullError, ResultMissingError
+from service.settings import ApiSettings
+
+log = logging.getLogger("service")
+
+UPSCALE_FACTORS = (4, 8)
+# Room for the multipart envelope (boundaries, part headers) on top of the image byte limit.
+MULTIPART_OVERHEAD = 64 * 1024
+PROBE_TIMEOUT_S = 2.0
+_JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: multipart/form-data with a file field `image`, or the raw "
+        "bytes with an image/* (or application/octet-stream) Content-Type.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_ERROR_SCHEMA = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}, "detail": {}},
+                "required": ["error", "detail"],
+            }
+        }
+    }
+}
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The transformed image (PNG unless `format` asks otherwise).",
+        "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+    },
+    202: {"description": "`mode=async`: `{job_id, status, status_url}`."},
+    400: {"description": "Empty body, corrupt or truncated image.", **_ERROR_SCHEMA},
+    404: {"description": "Unknown model; the body lists the available ones.", **_ERROR_SCHEMA},
+    413: {"description": "Upload or pixel count over the limits.", **_ERROR_SCHEMA},
+    415: {"description": "Not an image in a supported format.", **_ERROR_SCHEMA},
+    422: {"description": "Invalid query parameter.", **_ERROR_SCHEMA},
+    503: {"description": "Queue full or Redis unreachable; see Retry-After.", **_ERROR_SCHEMA},
+    504: {"description": "No result within REQUEST_TIMEOUT_S; the job was cancelled."},
+}
+
+FormatParam = Literal["png", "jpeg", "jpg", "webp"]
+ModeParam = Literal["sync", "async"]
+ModeQuery = Annotated[
+    ModeParam, Query(description="`async`: answer 202 with a job id at once, poll /jobs/{id}.")
+]
+FormatQuery = Annotated[
+    FormatParam, Query(alias="format", description="Output encoding (jpg = jpeg).")
+]
+
+
+class ApiError(Exception):
+    """An error answer: status, a stable machine-readable code and a human-readable detail."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        detail: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(f"{status_code} {error}: {detail}")
+        self.status_code = status_code
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def error_response(
+    status_code: int,
+    error: str,
+    detail: Any,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"error": error, "detail": detail, **extra}
+    return JSONResponse(jsonable_encoder(body), status_code=status_code, headers=headers)
+
+
+router = APIRouter()
+
+
+def _settings(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+def _queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+def _metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+def _catalog(request: Request) -> ModelCatalog:
+    return request.app.state.catalog
+
+
+@router.post(
+    "/stylize",
+    openapi_extra=_IMAGE_BODY,
+    responses=_IMAGE_RESPONSES,
+    response_class=Response,
+    summary="Stylise an image with a zoo style model",
+)
+async def stylize(
+    request: Request,
+    style: Annotated[
+        str, Query(min_length=1, max_length=64, description="Style name (GET /styles).")
+    ],
+    mode: ModeQuery = "sync",
+    output_format: FormatQuery = "png",
+) -> Response:
+    catalog = _catalog(request)
+    try:
+        entry = catalog.style(style)
+    except UnknownModelError as exc:
+        raise ApiError(
+            404,
+            "unknown_style",
+            f"no style named {style!r}; available: {', '.join(exc.available) or 'none'}",
+            styles=exc.available,
+        ) from exc
+    limits = ImageLimits(max_pixels=_settings(request).max_style_pixels)
+    return await _submit(request, "stylize", entry.name, limits, mode, output_format)
+
+
+@router.post(
+    "/upscale",
+    openapi_extra=_IMAGE_BODY,
+    responses=_IMAGE_RESPONSES,
+    response_class=Response,
+    summary="Upscale an image 4x or 8x with a zoo super-resolution model",
+)
+async def upscale(
+    request: Request,
+    factor: Annotated[int, Query(description="Upscaling factor: 4 or 8.")],
+    model: Annotated[
+        str | None,
+        Query(min_length=1, max_length=64, description="SR model (default `x{factor}`)."),
+    ] = None,
+    mode: ModeQuery = "sync",
+    output_format: FormatQuery = "png",
+) -> Response:
+    if factor not in UPSCALE_FACTORS:
+        raise ApiError(
+            422,
+            "invalid_factor",
+            f"factor must be one of {list(UPSCALE_FACTORS)}, not {factor}",
+            factors=list(UPSCALE_FACTORS),
+        )
+    catalog = _catalog(request)
+    try:
+        entry = catalog.upscaler(factor, model)
+    except UnknownModelError as exc:
+        raise ApiError(
+            404,
+            "unknown_model",
+            f"no upscaling model named {exc.name!r}; "
+            f"available: {', '.join(exc.available) or 'none'}",
+            models=exc.available,
+        ) from exc
+    except ModelMismatchError as exc:
+        raise ApiError(422, "model_factor_mismatch", str(exc)) from exc
+    side = _settings(request).max_upscale_input_side(factor)
+    limits = ImageLimits(max_pixels=side * side, max_side=side)
+    return await _submit(request, "upscale", entry.name, limits, mode, output_format)
+
+
+@router.get("/jobs/{job_id}", name="get_job", response_class=Response, summary="Async job")
+async def get_job(
+    request: Request, job_id: Annotated[str, Path(pattern=_JOB_ID_PATTERN)]
+) -> Response:
+    """202 with `{job_id, status}` while queued or running; then the image (or the job's error).
+
+    Results stay fetchable for the worker's result TTL.
+    """
+    queue = _queue(request)
+    result = await queue.fetch(job_id)
+    if result is not None:
+        return _result_response(result, job_id)
+    status = await queue.status(job_id)
+    if status is None:
+        raise ApiError(404, "unknown_job", f"no job {job_id} (never submitted, or expired)")
+    state = str(status.get("state", "queued"))
+    deadline = float(status.get("deadline") or 0.0)
+    grace = _settings(request).request_timeout_s
+    if state == "queued" and deadline and time.time() > deadline + grace:
+        raise ApiError(504, "job_expired", "the job was not started before its deadline")
+    body = {"job_id": job_id, "status": state, "status_url": _status_url(request, job_id)}
+    return JSONResponse(body, status_code=202, headers={"Retry-After": "1"})
+
+
+@router.get("/styles", summary="Models of the zoo, with their metadata")
+async def styles(request: Request) -> dict[str, Any]:
+    return _catalog(request).describe()
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: Redis reachable and at least one live worker")
+async def readyz(request: Request) -> Response:
+    queue = _queue(request)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await queue.ping()
+            workers = await queue.live_workers()
+    except (RedisError, OSError, TimeoutError) as exc:
+        return error_response(
+            503, "not_ready", f"redis unreachable: {exc or type(exc).__name__}", redis=False
+        )
+    if workers == 0:
+        return error_response(503, "not_ready", "no live worker heartbeat", redis=True, workers=0)
+    return JSONResponse({"status": "ready", "redis": True, "workers": workers})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    registry = _metrics(request)
+    queue = _queue(request)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            registry.queue_depth.set(await queue.depth())
+            registry.workers.set(await queue.live_workers())
+        registry.redis_up.set(1)
+    except (RedisError, OSError, TimeoutError):
+        registry.redis_up.set(0)
+    return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+async def _submit(
+    request: Request,
+    op: Operation,
+    model: str,
+    limits: ImageLimits,
+    mode: ModeParam,
+    output_format: FormatParam,
+) -> Response:
+    started = time.perf_counter()
+    settings = _settings(request)
+    metrics_ = _metrics(request)
+    data = await read_image_body(request, settings.max_upload_bytes)
+    decode_started = time.perf_counter()
+    image: DecodedImage = await run_in_threadpool(decode_image, data, limits)
+    decode_s = time.perf_counter() - decode_started
+    metrics_.decode.observe(decode_s)
+    fmt: OutputFormat = "jpeg" if output_format == "jpg" else output_format
+    timeout = settings.request_timeout_s if mode == "sync" else settings.async_job_timeout_s
+    job = Job(
+        model=model,
+        op=op,
+        width=image.width,
+        height=image.height,
+        channels=image.channels,
+        pixels=image.pixels,
+        output_format=fmt,
+        deadline=time.time() + timeout,
+    )
+    queue = _queue(request)
+    try:
+        enqueued = await queue.enqueue(job, status_ttl_s=int(timeout + settings.result_ttl_s))
+    except QueueFullError as exc:
+        metrics_.jobs.labels(op, "rejected").inc()
+        raise ApiError(
+            503,
+            "queue_full",
+            str(exc),
+            headers={"Retry-After": str(settings.retry_after_s)},
+            queue_depth=exc.depth,
+        ) from exc
+    metrics_.queue_depth.set(enqueued.depth)
+    extra_headers = {"X-Job-Id": job.job_id}
+    if image.animated:
+        extra_headers["X-Input-Frames"] = "first"
+    if mode == "async":
+        url = _status_url(request, job.job_id)
+        body = {"job_id": job.job_id, "status": "queued", "status_url": url}
+        return JSONResponse(body, status_code=202, headers={"Location": url, **extra_headers})
+    try:
+        result = await queue.wait(job.job_id, job.deadline)
+    except JobTimeoutError as exc:
+        metrics_.jobs.labels(op, "timeout").inc()
+        raise ApiError(
+            504,
+            "timeout",
+            f"no result within {timeout:g} s; the job was cancelled",
+            job_id=job.job_id,
+        ) from exc
+    except ResultMissingError as exc:
+        metrics_.jobs.labels(op, "failed").inc()
+        raise ApiError(502, "result_missing", "the job finished but its result is gone") from exc
+    metrics_.jobs.labels(op, "ok" if result.ok else "failed").inc()
+    if result.ok:
+        metrics_.observe_timings(op, result.timings)
+        metrics_.image_seconds.labels(op).observe(time.perf_counter() - started)
+    response = _result_response(result, job.job_id, decode_s=decode_s, started=started)
+    response.headers.update(extra_headers)
+    return response
+
+
+async def read_image_body(request: Request, limit: int) -> bytes:
+    """The uploaded image bytes, from a multipart field ``image`` or a raw body.
+
+    The body is read under a byte cap (``Content-Length`` is checked first, chunked uploads are
+    counted as they arrive), so an oversized upload is refused without buffering it whole.
+    """
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    multipart = media == "multipart/form-data"
+    raw = media.startswith("image/") or media == "application/octet-stream"
+    if media and not (multipart or raw):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the image as multipart/form-data field 'image' or as a raw image/* body, "
+            f"not {media}",
+        )
+    cap = limit + (MULTIPART_OVERHEAD if multipart else 0)
+    too_large = ApiError(413, "upload_too_large", f"uploads are limited to {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not multipart:
+        return body
+    return await _multipart_image(request, body, limit, too_large)
+
+
+async def _multipart_image(request: Request, body: bytes, limit: int, too_large: ApiError) -> bytes:
+    if not body:
+        raise ApiError(400, "empty_body", "the request carried no image (empty body)")
+
+    async def replay() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    # Parse the already-capped body: Request(...) over a replayed receive, public API only.
+    form_request = Request(request.scope, replay)
+    try:
+        form = await form_request.form(max_files=4, max_fields=16)
+    except (MultiPartException, StarletteHTTPException, ValueError) as exc:
+        detail = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc)
+        raise ApiError(
+            400, "malformed_multipart", f"cannot parse the multipart body: {detail}"
+        ) from exc
+    try:
+        upload = form.get("image")
+        if upload is None:
+            raise ApiError(
+                400,
+                "missing_image_field",
+                "multipart body has no field named 'image'",
+                fields=sorted(set(form.keys())),
+            )
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "image_field_not_a_file", "field 'image' must be a file upload")
+        data = await upload.read()
+    finally:
+        await form.close()
+    if len(data) > limit:
+        raise too_large
+    return data
+
+
+def _status_url(request: Request, job_id: str) -> str:
+    return str(request.app.url_path_for("get_job", job_id=job_id))
+
+
+def _result_response(
+    result: JobResult,
+    job_id: str,
+    *,
+    decode_s: float | None = None,
+    started: float | None = None,
+) -> Response:
+    timing = server_timing(result.timings, decode_s=decode_s, started=started)
+    headers = {"X-Job-Id": job_id}
+    if timing:
+        headers["Server-Timing"] = timing
+    batch = result.timings.get("batch_size")
+    if isinstance(batch, int | float):
+        headers["X-Batch-Size"] = str(int(batch))
+    if not result.ok:
+        status = result.status_code if 400 <= result.status_code < 600 else 500
+        return error_response(
+            status, "job_failed", result.error or "the worker failed", headers, job_id=job_id
+        )
+    return Response(result.image, media_type=result.content_type or "image/png", headers=headers)
+
+
+_TOKEN = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def server_timing(
+    timings: dict[str, float], *, decode_s: float | None = None, started: float | None = None
+) -> str:
+    """``Server-Timing`` value in milliseconds: decode (API), queue, compute, encode (worker)."""
+    parts: list[str] = []
+    if decode_s is not None:
+        parts.append(f"decode;dur={decode_s * 1000:.1f}")
+    for name, value in timings.items():
+        if name == "batch_size" or not isinstance(value, int | float):
+            continue
+        parts.append(f"{_TOKEN.sub('_', name)};dur={value * 1000:.1f}")
+    if started is not None:
+        parts.append(f"total;dur={(time.perf_counter() - started) * 1000:.1f}")
+    return ", ".join(parts)
+
+
+class _RequestMetricsMiddleware:
+    """Counts requests by route *template* (never the raw path: job ids would explode labels)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
+            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - started)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.error, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(ImageError)
+    async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()
+        ]
+        return error_response(422, "invalid_request", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
+        return error_response(exc.status_code, code, exc.detail, dict(exc.headers or {}))
+
+    @app.exception_handler(RedisError)
+    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis error on %s: %r", request.url.path, exc)
+        retry = str(request.app.state.settings.retry_after_s)
+        return error_response(
+            503, "queue_unavailable", f"the job queue is unreachable: {exc}", {"Retry-After": retry}
+        )
+
+    @app.exception_handler(ManifestError)
+    async def _manifest_error(_: Request, exc: ManifestError) -> JSONResponse:
+        return error_response(503, "manifest_unavailable", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", "unexpected server error")
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the app; ``settings`` default to the environment / ``.env``."""
+    settings = settings or ApiSettings()
+    largest_upscale_input = max(settings.max_upscale_input_side(f) for f in UPSCALE_FACTORS) ** 2
+    configure_pillow(max(settings.max_style_pixels, largest_upscale_input))
+    metrics_ = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.queue = JobQueue(settings)
+        try:
+            yield
+        finally:
+            await app.state.queue.close()
+
+    app = FastAPI(
+        title="Perceptual image transforms",
+        summary="Fast style transfer and super-resolution (Johnson et al. 2016) over HTTP.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics_
+    app.state.catalog = ModelCatalog(settings.model_zoo_dir)
+    _install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics_)
+    return app

@@ -1,0 +1,221 @@
+"""Trainer smoke runs on tiny generated photos: zoo entry written, loadable, resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_zoo import train
+from model_zoo.data import ImageFolderCrops, degrade
+from model_zoo.manifest import read_manifest
+from model_zoo.registry import load_model, sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def photo_dir(tmp_path: Path) -> Path:
+    """A handful of tiny smooth 'photos' in nested folders, plus one unreadable file."""
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        sub = folder / f"set{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        base = rng.random((6, 8, 3))
+        img = Image.fromarray((base * 255).astype(np.uint8)).resize((56, 40), Image.BICUBIC)
+        img.save(sub / f"p{i}.{'jpg' if i % 2 else 'png'}")
+    (folder / "set0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return folder
+
+
+@pytest.fixture()
+def style_image(tmp_path: Path) -> Path:
+    path = tmp_path / "style.png"
+    stripes = np.zeros((48, 48, 3), dtype=np.uint8)
+    stripes[::4] = (230, 40, 30)
+    stripes[1::4] = (20, 60, 200)
+    Image.fromarray(stripes).save(path)
+    return path
+
+
+def run(argv: list[str]) -> dict[str, object]:
+    assert train.main(argv) == 0
+    return {}
+
+
+def test_style_training_writes_loadable_zoo_entry(
+    photo_dir: Path, style_image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    with caplog.at_level(logging.WARNING):
+        run(
+            [
+                "style",
+                "--name",
+                "stripes",
+                "--data",
+                str(photo_dir),
+                "--style-image",
+                str(style_image),
+                "--image-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--iterations",
+                "3",
+                "--style-size",
+                "48",
+                "--zoo",
+                str(zoo),
+                "--run-dir",
+                str(runs),
+                "--quiet",
+            ]
+        )
+    assert any("broken.jpg" in r.message for r in caplog.records), "unreadable file not reported"
+    entry = read_manifest(zoo).get("stripes")
+    assert entry.kind == "style" and entry.iterations == 3
+    assert entry.sha256 == sha256_file(zoo / entry.weights)
+    assert entry.training["content_weight"] == 1e5 and entry.training["style_image"]
+    assert set(entry.final_losses) == {"total", "content", "style", "tv"}
+    assert entry.data["images"] == 6
+    net, _ = load_model("stripes", root=zoo)
+    assert net(torch.rand(1, 3, 19, 23)).shape == (1, 3, 19, 23)
+    assert (runs / "stripes" / "samples.jpg").exists()
+    assert (runs / "stripes" / "loss_curve.png").exists()
+
+
+@pytest.mark.parametrize("loss", ["feat", "pixel"])
+def test_sr_training_writes_loadable_zoo_entry(photo_dir: Path, tmp_path: Path, loss: str) -> None:
+    zoo = tmp_path / "zoo"
+    run(
+        [
+            "sr",
+            "--name",
+            f"x4_{loss}",
+            "--factor",
+            "4",
+            "--loss",
+            loss,
+            "--data",
+            str(photo_dir),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--iterations",
+            "2",
+            "--zoo",
+            str(zoo),
+            "--run-dir",
+            str(tmp_path / "runs"),
+            "--quiet",
+        ]
+    )
+    entry = read_manifest(zoo).get(f"x4_{loss}")
+    assert entry.kind == "sr" and entry.factor == 4 and entry.loss == loss
+    net, _ = load_model(f"x4_{loss}", root=zoo)
+    assert net(torch.rand(1, 3, 8, 9)).shape == (1, 3, 32, 36)
+
+
+def test_resume_continues_from_checkpoint(photo_dir: Path, tmp_path: Path) -> None:
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    common = [
+        "sr",
+        "--name",
+        "x4",
+        "--data",
+        str(photo_dir),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "1",
+        "--loss",
+        "pixel",
+        "--zoo",
+        str(zoo),
+        "--run-dir",
+        str(runs),
+        "--quiet",
+        "--checkpoint-every",
+        "1",
+    ]
+    run([*common, "--iterations", "2"])
+    history = json.loads((runs / "x4" / "checkpoint.json").read_text())
+    assert history["iteration"] == 2
+    run([*common, "--iterations", "4", "--resume"])
+    entry = read_manifest(zoo).get("x4")
+    assert entry.iterations == 4
+    history = json.loads((runs / "x4" / "checkpoint.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_leaves_checkpoint_and_usable_model(photo_dir: Path, tmp_path: Path) -> None:
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "model_zoo.train",
+            "sr",
+            "--name",
+            "x4",
+            "--data",
+            str(photo_dir),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "1",
+            "--loss",
+            "pixel",
+            "--iterations",
+            "100000",
+            "--checkpoint-every",
+            "1",
+            "--zoo",
+            str(zoo),
+            "--run-dir",
+            str(runs),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    checkpoint = runs / "x4" / "checkpoint.json"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), proc.communicate()[0].decode()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output.decode()
+    entry = read_manifest(zoo).get("x4")
+    assert 1 <= entry.iterations < 100000 and entry.training["interrupted"] is True
+    assert json.loads(checkpoint.read_text())["iteration"] == entry.iterations
+    load_model("x4", root=zoo)
+
+
+def test_sr_degradation_blurs_then_downsamples() -> None:
+    hr = torch.zeros(1, 3, 16, 16)
+    hr[..., 8:, :] = 1.0
+    lr = degrade(hr, 4)
+    assert lr.shape == (1, 3, 4, 4)
+    column = lr[0, 0, :, 0]
+    assert column[0] < 0.05 and column[-1] > 0.95 and 0.05 < column[1:3].mean() < 0.95
+
+
+def test_dataset_crops_have_training_size(photo_dir: Path) -> None:
+    data = ImageFolderCrops(photo_dir, 24)
+    crops = [data[i] for i in range(len(data))]
+    assert all(c.shape == (3, 24, 24) for c in crops)
