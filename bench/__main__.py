@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "forward": ("bench.forward", "forward-pass ms/image: naive fp32 vs the worker's fast path"),
     "batching": ("bench.batching", "max_batch=1 vs dynamic batching, private redis+API+worker"),
     "encode": ("bench.encode", "PNG encode cost per size and level vs the forward pass"),
+    "worker": ("bench.workeronly", "worker throughput through Redis, no HTTP (GPU check)"),
+    "e2e": ("bench.e2e", "end-to-end latency at concurrency 1 vs bare forward + encode"),
     "all": ("bench.all", "short versions of everything (make bench uses --quick)"),
 }
 

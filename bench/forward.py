@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         default="auto",
         help="comma-separated: fp32 (reference), worker, bf16, bf16_cl, fp16, fp16_cl, "
-        "fp32_compile, fp16_compile, worker_compile. auto = fp32,worker,bf16 on CPU; "
+        "fp32_compile, fp16_compile. auto = fp32,worker,bf16 on CPU; "
         "fp32,fp16,fp32_compile,fp16_compile,worker on CUDA",
     )
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median kept)")
@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="256 px, batch 1 and 2, 2 reps")
     parser.add_argument("--name", default="forward", help="file stem of the report files")
+    parser.add_argument("--no-plot", action="store_true", help="JSON and Markdown only")
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Variant:
 
     name: str
     precision: str  # fp32 / tf32 / bf16 / fp16: which peak to compare against
-    prepare: Callable[[nn.Module, torch.device], Callable[[torch.Tensor], torch.Tensor]]
+    prepare: Callable[[nn.Module, torch.device], Callable[[torch.Tensor], Any]]
     note: str = ""
 
 
@@ -219,13 +220,10 @@ def _compiled_fp32(net: nn.Module, device: torch.device) -> Callable[[torch.Tens
     return run
 
 
-def _worker(compile_: bool = False) -> Callable[..., Any]:
-    def prepare(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        from bench.fastpath import worker_forward
+def _worker(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], Any]:
+    from bench.fastpath import worker_forward
 
-        return worker_forward(net, device, compile_=compile_)
-
-    return prepare
+    return worker_forward(net, device)
 
 
 def variant_table(device: torch.device) -> dict[str, Variant]:
@@ -246,15 +244,24 @@ def variant_table(device: torch.device) -> dict[str, Variant]:
         "fp16_compile": Variant(
             "fp16_compile", "fp16", _autocast("float16", True, True), "compile + fp16 + cl"
         ),
-        "worker": Variant("worker", _worker_precision(device), _worker(), "worker.engine path"),
-        "worker_compile": Variant(
-            "worker_compile", _worker_precision(device), _worker(True), "worker path + compile"
+        "worker": Variant(
+            "worker",
+            _worker_precision(device),
+            _worker,
+            "worker.engine.Engine.run on uint8 images (PRECISION=auto, channels_last, "
+            "ragged batching; includes uint8<->float and crop)",
         ),
     }
 
 
 def _worker_precision(device: torch.device) -> str:
-    return "fp16" if device.type == "cuda" else "bf16"
+    """What the worker's PRECISION=auto picks here (for the peak to compare against)."""
+    try:
+        from worker.engine import resolve_precision
+
+        return resolve_precision("auto", device)
+    except ImportError:
+        return "fp16" if device.type == "cuda" else "bf16"
 
 
 def default_variants(device: torch.device) -> list[str]:
@@ -267,7 +274,7 @@ def default_variants(device: torch.device) -> list[str]:
 
 
 def time_calls(
-    fn: Callable[[torch.Tensor], torch.Tensor],
+    fn: Callable[[torch.Tensor], Any],
     x: torch.Tensor,
     *,
     reps: int,
@@ -285,6 +292,19 @@ def time_calls(
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def _as_tensor(y: Any) -> tuple[torch.Tensor, bool]:
+    """A variant's output as B x 3 x H x W float on the CPU, and whether it was 8-bit."""
+    if isinstance(y, list):
+        from bench.fastpath import outputs_to_tensor
+
+        return outputs_to_tensor(y), True
+    return y.detach().float().cpu(), False
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1).mul(255.0).round().div(255.0)
 
 
 def psnr(reference: torch.Tensor, other: torch.Tensor, peak: float = 1.0) -> float:
@@ -344,7 +364,13 @@ def iter_configs(
                 yield nut, out_px, in_px, batch
 
 
-def run_forward(cfg: ForwardConfig, progress: bool = True) -> dict[str, Any]:
+def run_forward(
+    cfg: ForwardConfig,
+    progress: bool = True,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every configuration, every variant. ``checkpoint`` gets the result so far after each
+    configuration, so a run cut short by a time limit still leaves its finished rows."""
     import torch
 
     device = _device(cfg.device)
@@ -365,8 +391,20 @@ def run_forward(cfg: ForwardConfig, progress: bool = True) -> dict[str, Any]:
     nets = build_nets(cfg.nets, cfg.zoo, cfg.tiny)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+
+    def summary() -> dict[str, Any]:
+        return {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "variants": {n: table[n].note for n in names},
+            "rows": list(rows),
+            "skipped": list(skipped),
+        }
+
     for nut in nets:
-        prepared: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        prepared: dict[str, Callable[[torch.Tensor], Any]] = {}
         for vname in names:
             try:
                 prepared[vname] = table[vname].prepare(nut.net, device)
@@ -386,14 +424,16 @@ def run_forward(cfg: ForwardConfig, progress: bool = True) -> dict[str, Any]:
                     continue
                 ms_batch = statistics.median(times) * 1000.0
                 ms_image = ms_batch / batch
+                y_t, quantized = _as_tensor(y)
                 if vname == "fp32":
-                    reference, ref_ms = y.detach().float(), ms_image
-                quality = psnr(reference, y) if reference is not None else math.nan
-                max_err = (
-                    (reference - y.detach().float()).abs().max().item() * 255.0
-                    if reference is not None
-                    else math.nan
-                )
+                    reference, ref_ms = y_t, ms_image
+                quality = max_err = math.nan
+                if reference is not None:
+                    # a uint8 result is compared with the reference rounded the same way, so
+                    # the PSNR measures the fast path, not the 8-bit output format
+                    ref = _quantize(reference) if quantized else reference
+                    quality = psnr(ref, y_t)
+                    max_err = (ref - y_t).abs().max().item() * 255.0
                 gpu, peak = cuda_peak_tflops(device, table[vname].precision)
                 tflops = flops_per_image / (ms_image / 1000.0) / 1e12
                 row = {
@@ -427,32 +467,26 @@ def run_forward(cfg: ForwardConfig, progress: bool = True) -> dict[str, Any]:
                         f"psnr {quality:.1f} dB",
                         flush=True,
                     )
+            if checkpoint is not None:
+                checkpoint(summary())
         del prepared
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "variants": {n: table[n].note for n in names},
-        "rows": rows,
-        "skipped": skipped,
-    }
+    return summary()
 
 
 def forward_markdown(result: dict[str, Any]) -> str:
     headers = [
-        "net", "out px", "batch", "variant", "ms/img", "img/s", "x vs fp32", "PSNR dB",
-        "max err /255", "GFLOP/img", "TFLOP/s", "% peak",
+        "net", "out px", "batch", "variant", "ms/img", "min ms/img", "img/s", "x vs fp32",
+        "PSNR dB", "max err /255", "GFLOP/img", "TFLOP/s", "% peak",
     ]  # fmt: skip
     rows = [
         [
             r["net"], r["out_px"], r["batch"], r["variant"], r["ms_per_image"],
-            r["images_per_s"], r["speedup_vs_fp32"], r["psnr_vs_fp32_db"], r["max_abs_err_255"],
-            r["gflop_per_image"], r["achieved_tflops"], r["pct_of_peak"],
+            r["ms_per_image_min"], r["images_per_s"], r["speedup_vs_fp32"], r["psnr_vs_fp32_db"],
+            r["max_abs_err_255"], r["gflop_per_image"], r["achieved_tflops"], r["pct_of_peak"],
         ]
         for r in result["rows"]
     ]  # fmt: skip
-    digits = [0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 3, 1]
+    digits = [0, 0, 0, 0, 2, 2, 2, 2, 1, 2, 2, 3, 1]
     text = markdown_table(headers, rows, digits)
     weights = sorted({r["weights"] for r in result["rows"]})
     text += f"\nWeights: {', '.join(weights)}. Variants: " + "; ".join(
@@ -468,7 +502,9 @@ def forward_markdown(result: dict[str, Any]) -> str:
     return text + "\n"
 
 
-def write_forward_report(result: dict[str, Any], out_dir: Path, name: str) -> dict[str, Path]:
+def write_forward_report(
+    result: dict[str, Any], out_dir: Path, name: str, plot: bool = True
+) -> dict[str, Path]:
     meta = machine_info()
     meta["device"] = result.get("device_name") or result["device"]
     paths = {
@@ -480,7 +516,7 @@ def write_forward_report(result: dict[str, Any], out_dir: Path, name: str) -> di
         out_dir / f"{name}.md", "Forward pass: ms per image", forward_markdown(result), meta
     )
     rows = result["rows"]
-    if rows:
+    if rows and plot:
         labels = sorted(
             {(r["net"], r["out_px"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1], k[2])
         )
@@ -526,8 +562,13 @@ def config_from_args(args: argparse.Namespace) -> ForwardConfig:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    result = run_forward(config_from_args(args))
-    paths = write_forward_report(result, Path(args.out), args.name)
+    out = Path(args.out)
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        write_forward_report(partial, out, args.name, plot=False)
+
+    result = run_forward(config_from_args(args), checkpoint=checkpoint)
+    paths = write_forward_report(result, out, args.name, plot=not args.no_plot)
     for kind, path in paths.items():
         print(f"[forward] wrote {kind}: {path}")
     return result

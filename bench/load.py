@@ -45,6 +45,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="load", help="file stem of the report files")
+    parser.add_argument(
+        "--spawn",
+        action="store_true",
+        help="ignore --url: start a private redis-server + API + worker and load that",
+    )
+    parser.add_argument("--zoo", default=None, help="with --spawn: zoo folder to serve")
+    parser.add_argument("--tiny", action="store_true", help="with --spawn: tiny untrained nets")
+    parser.add_argument(
+        "--redis-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
+    )
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="with --spawn"
+    )
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -132,17 +149,42 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup,
         timeout_s=args.timeout,
     )
-    levels = run_load(
-        args.url,
-        workload,
-        concurrencies=_ints(args.concurrency),
-        rates=_floats(args.rate),
-        bounds=bounds,
-        poisson=args.poisson,
-        scrape_metrics=not args.no_metrics,
-    )
+    url = args.url
+    extra: dict[str, Any] = {}
+
+    def go(target: str) -> list[LevelResult]:
+        return run_load(
+            target,
+            workload,
+            concurrencies=_ints(args.concurrency),
+            rates=_floats(args.rate),
+            bounds=bounds,
+            poisson=args.poisson,
+            scrape_metrics=not args.no_metrics,
+        )
+
+    if args.spawn:
+        import tempfile
+
+        from bench.stack import Stack, make_bench_zoo
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+        model = args.style if args.endpoint == "stylize" else f"x{args.factor}"
+        zoo, note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
+        worker_env = {"WORKER_MODELS": model, **dict(kv.split("=", 1) for kv in args.worker_env)}
+        api_env = {"REQUEST_TIMEOUT_S": str(args.timeout)}
+        redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
+        with Stack(zoo_dir=zoo, workdir=tmp, api_env=api_env, redis_config=redis_config) as stack:
+            stack.start(worker_env=worker_env)
+            url = stack.url
+            spawned = {"zoo": note, "worker_env": worker_env, "api_env": api_env,
+                       "redis": stack.redis_info()}  # fmt: skip
+            levels = go(url)
+        extra = {"spawned": spawned}
+    else:
+        levels = go(url)
     paths = write_load_report(
-        levels, Path(args.out), args.name, url=args.url, workload=workload, bounds=bounds
+        levels, Path(args.out), args.name, url=url, workload=workload, bounds=bounds, extra=extra
     )
     for kind, path in paths.items():
         print(f"[load] wrote {kind}: {path}")

@@ -21,7 +21,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
@@ -89,10 +89,22 @@ class Sample:
     bytes_out: int = 0
     server: dict[str, float] = field(default_factory=dict)
     retry_after: str | None = None
+    out_size: Size | None = None
+    """Width x height of a PNG answer (read from its header, not decoded)."""
 
     @property
     def ok(self) -> bool:
         return self.status == 200
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> Size | None:
+    """(width, height) from a PNG's IHDR chunk; None for anything else."""
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 @dataclass
@@ -161,6 +173,20 @@ class LevelResult:
                 for w, h in sizes
             }
         return out
+
+    def merge(self, other: LevelResult) -> None:
+        """Pool another run of the same level (e.g. a later round): samples are concatenated
+        and wall times added, so images/s stays total images over total time."""
+        offset = self.wall_s
+        self.samples.extend(replace(s, start_s=s.start_s + offset) for s in other.samples)
+        self.wall_s += other.wall_s
+        self.notes.extend(other.notes)
+        if other.metrics_batch is not None:
+            mine = self.metrics_batch or (0.0, 0.0)
+            self.metrics_batch = (
+                mine[0] + other.metrics_batch[0],
+                mine[1] + other.metrics_batch[1],
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {"summary": self.summary(), "samples": [asdict(s) for s in self.samples]}
@@ -250,6 +276,7 @@ class LoadGenerator:
             bytes_out=len(resp.content),
             server=server,
             retry_after=resp.headers.get("retry-after"),
+            out_size=png_size(resp.content),
         )
 
     async def metrics_snapshot(self) -> dict[str, float] | None:

@@ -2,19 +2,13 @@
 
 The batching and end-to-end benchmarks must compare configurations on the same machine in one
 run, so they start everything themselves on free loopback ports, with their own zoo folder and
-queue prefix, and stop exactly the processes they started (each in its own process group, so a
-worker's children go too). Nothing here touches a Redis or service it did not start.
+queue prefix, and stop exactly the processes they started (the service's launcher also makes
+each child die with its parent). Nothing here touches a Redis or service it did not start.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,14 +16,12 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import redis
+
+from jobqueue.protocol import Keys
+from service.launch import Child, free_port, start_api, start_redis, start_worker, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class StackError(RuntimeError):
@@ -37,57 +29,9 @@ class StackError(RuntimeError):
 
 
 @dataclass
-class Proc:
-    """One child process with its log file (so a failure can be explained, not just reported)."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=REPO_ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (the worker drains its batch), then SIGKILL of its process group."""
-        if self.popen is not None and self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-        self.popen = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-@dataclass
 class Stack:
-    """redis-server + ``python -m service`` + N x ``python -m worker``.
+    """redis-server + ``python -m service`` + N x ``python -m worker``, started with the
+    service's own launcher helpers (``service.launch``), each child logging to a file.
 
     ``worker_env`` is applied to the workers only (e.g. ``MAX_BATCH``); ``restart_workers``
     swaps the workers' configuration while Redis and the API stay up.
@@ -96,21 +40,31 @@ class Stack:
     zoo_dir: Path
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-stack-")))
     api_env: dict[str, str] = field(default_factory=dict)
-    python: str = sys.executable
-    redis_port: int = 0
-    api_port: int = 0
+    redis_config: dict[str, str] = field(default_factory=dict)
+    """Applied with CONFIG SET after start (e.g. ``hz``), to measure a Redis setting's effect."""
     prefix: str = "bench"
-    redis: Proc | None = None
-    api: Proc | None = None
-    workers: list[Proc] = field(default_factory=list)
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+    redis_url: str = ""
+    api_port: int = 0
+    redis: Child | None = None
+    api: Child | None = None
+    workers: list[Child] = field(default_factory=list)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+    _generation: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def _log(self, name: str) -> IO[bytes]:
+        handle = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(handle)
+        return handle
+
+    def log_tail(self, name: str, chars: int = 2500) -> str:
+        try:
+            return (self.workdir / f"{name}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -128,56 +82,57 @@ class Stack:
         self.start_redis()
         self.start_api()
         self.start_workers(worker_env or {}, workers)
+        self.wait_ready(workers=workers)
 
     def start_redis(self) -> None:
-        binary = shutil.which("redis-server") or os.environ.get("REDIS_SERVER_BIN")
-        if not binary:
-            raise StackError("redis-server not found (scripts/setup.sh installs it)")
-        self.redis_port = self.redis_port or free_port()
-        argv = [
-            binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
-        ]  # fmt: skip
-        self.redis = Proc("redis", argv, dict(os.environ), self.workdir / "redis.log")
-        self.redis.start()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if not self.redis.alive:
-                raise StackError(f"redis-server exited:\n{self.redis.log_tail()}")
+        try:
+            self.redis, self.redis_url = start_redis(output=self._log("redis"))
+        except (RuntimeError, TimeoutError) as exc:
+            raise StackError(f"redis-server: {exc}\n{self.log_tail('redis')}") from exc
+        if self.redis_config:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
             try:
-                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.3) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise StackError("redis-server did not answer PING in 15 s")
+                for key, value in self.redis_config.items():
+                    client.config_set(key, value)
+            finally:
+                client.close()
+
+    def redis_info(self) -> dict[str, str]:
+        """The Redis settings that shape queue latency, for the report."""
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=3, decode_responses=True)
+        try:
+            return {k: str(v) for k, v in client.config_get("hz").items()}
+        finally:
+            client.close()
 
     def start_api(self) -> None:
         self.api_port = self.api_port or free_port()
         env = self._base_env()
         env.update({"HOST": "127.0.0.1", "PORT": str(self.api_port), **self.api_env})
-        self.api = Proc("api", [self.python, "-m", "service"], env, self.workdir / "api.log")
-        self.api.start()
-        self._wait_http("/healthz", self.api, timeout_s=60)
+        self.api = start_api(env, output=self._log("api"), cwd=str(REPO_ROOT))
+        try:
+            wait_http(self.url + "/healthz", 60.0, self.api)
+        except (RuntimeError, TimeoutError) as exc:
+            raise StackError(f"API: {exc}\n{self.log_tail('api')}") from exc
 
     def start_workers(self, worker_env: dict[str, str], count: int = 1) -> None:
-        for i in range(count):
+        for _ in range(count):
+            self._generation += 1
+            name = f"worker{self._generation}"
             env = self._base_env()
             env.update(worker_env)
-            log = self.workdir / f"worker{len(self.workers)}.log"
-            proc = Proc(f"worker{i}", [self.python, "-m", "worker"], env, log)
-            proc.start()
-            self.workers.append(proc)
+            self.workers.append(
+                start_worker(env, name=name, output=self._log(name), cwd=str(REPO_ROOT))
+            )
 
-    def wait_ready(self, timeout_s: float = 180.0, workers: int = 1) -> None:
+    def wait_ready(self, timeout_s: float = 240.0, workers: int = 1) -> None:
         """Until /readyz reports ``workers`` live heartbeats (models loaded and warmed up)."""
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
-            for proc in [self.api, *self.workers]:
-                if proc is not None and not proc.alive:
-                    raise StackError(f"{proc.name} exited:\n{proc.log_tail()}")
+            for child in [self.api, *self.workers]:
+                if child is not None and not child.alive:
+                    raise StackError(f"{child.name} exited:\n{self.log_tail(child.name)}")
             try:
                 resp = httpx.get(self.url + "/readyz", timeout=3)
                 last = resp.text
@@ -186,12 +141,29 @@ class Stack:
             except (httpx.HTTPError, ValueError) as exc:
                 last = repr(exc)
             time.sleep(0.25)
-        tails = "\n".join(f"--- {p.name}\n{p.log_tail(1500)}" for p in self.workers)
+        tails = "\n".join(f"--- {c.name}\n{self.log_tail(c.name, 1500)}" for c in self.workers)
         raise StackError(f"stack not ready in {timeout_s:g} s (last /readyz: {last})\n{tails}")
 
+    def wait_workers_redis(self, count: int = 1, timeout_s: float = 240.0) -> None:
+        """Without an API: until ``count`` worker heartbeat keys exist in Redis."""
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for child in self.workers:
+                    if not child.alive:
+                        raise StackError(f"{child.name} exited:\n{self.log_tail(child.name)}")
+                pattern = Keys(self.prefix).heartbeat_pattern
+                if len(list(client.scan_iter(match=pattern))) >= count:
+                    return
+                time.sleep(0.25)
+        finally:
+            client.close()
+        raise StackError(f"no worker heartbeat in {timeout_s:g} s")
+
     def stop_workers(self) -> None:
-        for proc in self.workers:
-            proc.stop()
+        for child in self.workers:
+            child.stop(30.0)
         self.workers = []
         # a stopped worker's heartbeat key lives on until its TTL: clear it so /readyz waits
         # for the next worker instead of believing the old one
@@ -203,39 +175,27 @@ class Stack:
         self.wait_ready(workers=count)
 
     def _clear_heartbeats(self) -> None:
+        if not self.redis_url:
+            return
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
         try:
-            import redis
-
-            from jobqueue.protocol import Keys
-
-            client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
             keys = list(client.scan_iter(match=Keys(self.prefix).heartbeat_pattern))
             if keys:
                 client.delete(*keys)
+        except redis.RedisError:
+            pass  # readiness then just takes one heartbeat TTL longer
+        finally:
             client.close()
-        except Exception:  # best effort: readiness then just takes a heartbeat TTL longer
-            pass
 
     def stop(self) -> None:
-        for proc in self.workers:
-            proc.stop()
-        self.workers = []
-        for proc in (self.api, self.redis):
-            if proc is not None:
-                proc.stop()
-
-    def _wait_http(self, path: str, proc: Proc, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not proc.alive:
-                raise StackError(f"{proc.name} exited:\n{proc.log_tail()}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise StackError(f"{proc.name} did not answer {path} in {timeout_s:g} s")
+        """Workers first (they drain), then the API, then Redis."""
+        for child in [*self.workers, self.api, self.redis]:
+            if child is not None:
+                child.stop(30.0)
+        self.workers, self.api, self.redis = [], None, None
+        for handle in self._logs:
+            handle.close()
+        self._logs = []
 
     def __enter__(self) -> Stack:
         return self

@@ -25,8 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from model_zoo import registry
 from model_zoo.apply import run_model
-from model_zoo.data import degrade
-from model_zoo.eval import square_photo
+from model_zoo.eval import make_lr, square_photo
 from model_zoo.imaging import load_rgb, to_image, to_tensor
 from model_zoo.manifest import ModelEntry
 from model_zoo.metrics import bicubic_upscale, modcrop, rgb_to_y
@@ -145,17 +144,17 @@ def sr_gallery(
     for factor, models in _sr_methods(entries).items():
         for path in photos:
             hr = modcrop(load_rgb(path), factor)
-            lr = to_image(degrade(to_tensor(hr), factor))
+            lr = make_lr(hr, factor)  # the training degradation, as in evaluation
             box = textured_crop_box(hr, crop)
-            outputs = [("bicubic", bicubic_upscale(lr, factor))]
+            outputs = [(f"bicubic x{factor}", bicubic_upscale(lr, factor))]
             for e in models:
                 out = to_image(run_model(nets[e.name], to_tensor(lr), precision))
-                outputs.append((f"{e.name} ({e.loss or 'sr'})", out))
+                outputs.append((f"{e.name} ({e.loss or 'sr'} loss)", out))
             outputs.append(("HR", hr))
             rows.append(
                 [
                     (
-                        f"x{factor} {label}",
+                        label,
                         img.crop(box).resize((cell, cell), Image.Resampling.NEAREST),
                     )
                     for label, img in outputs

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -101,10 +101,10 @@ def settings_from_entry(
     if style_image is not None:
         record["style_image"] = str(style_image)
     path = record.get("style_image")
-    if path and not Path(path).exists() and not Path(path).is_absolute():
-        beside_repo = Path(__file__).resolve().parent.parent / path  # training ran in the repo
-        if beside_repo.exists():
-            record["style_image"] = path = str(beside_repo)
+    if path and not Path(path).exists():
+        found = _find_style_image(Path(path))
+        if found is not None:
+            record["style_image"] = path = str(found)
     if not path or not Path(path).exists():
         raise FileNotFoundError(
             f"style image {path!r} of {entry.name!r} not found; pass it explicitly"
@@ -112,12 +112,34 @@ def settings_from_entry(
     return TrainSettings(**record)
 
 
+def _find_style_image(recorded: Path) -> Path | None:
+    """The recorded path may be relative to where training ran (the repo) or absolute on another
+    machine: try the repo, then the shared data's ``styles/`` tree by file name."""
+    repo = Path(__file__).resolve().parent.parent
+    if not recorded.is_absolute() and (repo / recorded).exists():
+        return repo / recorded
+    styles = repo.parent / "shared" / "data" / "styles"
+    if styles.is_dir():
+        for candidate in sorted(styles.rglob(recorded.name)):
+            return candidate
+    return None
+
+
+def style_targets(settings: TrainSettings, vgg: VGG16Features) -> dict[str, torch.Tensor]:
+    """The trainer's Gram targets (its own loading and resizing of the style image)."""
+    device = next(vgg.parameters()).device
+    return StyleObjective(settings, vgg, device).style_grams
+
+
 def objective_for(
-    settings: TrainSettings, content: torch.Tensor, vgg: VGG16Features
+    settings: TrainSettings,
+    content: torch.Tensor,
+    vgg: VGG16Features,
+    style_grams: Mapping[str, torch.Tensor] | None = None,
 ) -> JointObjective:
-    """The joint objective with the trainer's style targets (same image loading and resize)."""
-    device = content.device
-    grams = StyleObjective(settings, vgg, device).style_grams
+    """The joint objective with the trainer's style targets; pass ``style_grams`` (from
+    :func:`style_targets`) to reuse them across many content images."""
+    grams = style_grams if style_grams is not None else style_targets(settings, vgg)
     return JointObjective(
         vgg,
         grams,
@@ -174,7 +196,9 @@ def run_lbfgs(
     """
     if iterations < 0:
         raise ValueError("iterations must be >= 0")
-    x = init.detach().clone().float().requires_grad_(True)
+    # Contiguous: L-BFGS flattens gradients with view(), which fails on channels-last tensors
+    # (``imaging.to_tensor`` returns a permuted view of the HxWx3 array).
+    x = init.detach().float().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [x],
         lr=1.0,
@@ -222,8 +246,3 @@ def stylize(
     with torch.no_grad():
         result.final_terms = {k: float(v) for k, v in objective.terms(result.image).items()}
     return result
-
-
-def describe(result: GatysResult, checkpoints: tuple[int, ...]) -> dict[str, Any]:
-    """Objective at the requested iteration counts (those within the run)."""
-    return {str(k): result.objectives[k] for k in checkpoints if k < len(result.objectives)}

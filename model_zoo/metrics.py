@@ -20,7 +20,6 @@ The LR image itself is never made here: evaluation reuses the training pipeline'
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -154,10 +153,3 @@ def bicubic_upscale(image: Image.Image, factor: int) -> Image.Image:
     """The bicubic baseline: PIL BICUBIC (MATLAB's a = -0.5 kernel) by an integer factor."""
     width, height = image.size
     return image.resize((width * factor, height * factor), Image.Resampling.BICUBIC)
-
-
-def mean_scores(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
-    """Average per-image scores; a set's PSNR is the mean of per-image PSNRs (the convention)."""
-    if not rows:
-        raise ValueError("no scores to average")
-    return {k: float(np.mean([row[k] for row in rows])) for k in keys if k in rows[0]}

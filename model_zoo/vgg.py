@@ -87,7 +87,7 @@ def torch_hub_checkpoint_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILENAME
 
 
-def _state_dict_from_numpy(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def state_dict_from_numpy(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Flax conv kernels are (kh, kw, in, out); torch wants (out, in, kh, kw)."""
     try:
         convs = ckpt["VGG16_0"]
@@ -112,7 +112,7 @@ def _state_dict_from_torchvision(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".ckpt":
-        return _state_dict_from_numpy(load_numpy_checkpoint(path))
+        return state_dict_from_numpy(load_numpy_checkpoint(path))
     return _state_dict_from_torchvision(path)
 
 

@@ -12,36 +12,28 @@ result did not come in time (the job is cancelled so no worker computes it for n
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 
 from jobqueue.protocol import Job, JobResult, Operation, OutputFormat
-from service.catalog import ManifestError, ModelCatalog, ModelMismatchError, UnknownModelError
-from service.images import DecodedImage, ImageError, ImageLimits, configure_pillow, decode_image
+from service.catalog import ModelCatalog, ModelMismatchError, UnknownModelError
+from service.errors import ApiError, error_response, install_error_handlers
+from service.images import DecodedImage, ImageLimits, configure_pillow, decode_image
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from service.metrics import ApiMetrics
+from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.queue import JobQueue, JobTimeoutError, QueueFullError, ResultMissingError
 from service.settings import ApiSettings
-
-log = logging.getLogger("service")
+from service.uploads import read_image_body
 
 UPSCALE_FACTORS = (4, 8)
-# Room for the multipart envelope (boundaries, part headers) on top of the image byte limit.
-MULTIPART_OVERHEAD = 64 * 1024
 PROBE_TIMEOUT_S = 2.0
 _JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -96,37 +88,6 @@ ModeQuery = Annotated[
 FormatQuery = Annotated[
     FormatParam, Query(alias="format", description="Output encoding (jpg = jpeg).")
 ]
-
-
-class ApiError(Exception):
-    """An error answer: status, a stable machine-readable code and a human-readable detail."""
-
-    def __init__(
-        self,
-        status_code: int,
-        error: str,
-        detail: Any,
-        *,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(f"{status_code} {error}: {detail}")
-        self.status_code = status_code
-        self.error = error
-        self.detail = detail
-        self.headers = headers or {}
-        self.extra = extra
-
-
-def error_response(
-    status_code: int,
-    error: str,
-    detail: Any,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    body = {"error": error, "detail": detail, **extra}
-    return JSONResponse(jsonable_encoder(body), status_code=status_code, headers=headers)
 
 
 router = APIRouter()
@@ -353,76 +314,6 @@ async def _submit(
     return response
 
 
-async def read_image_body(request: Request, limit: int) -> bytes:
-    """The uploaded image bytes, from a multipart field ``image`` or a raw body.
-
-    The body is read under a byte cap (``Content-Length`` is checked first, chunked uploads are
-    counted as they arrive), so an oversized upload is refused without buffering it whole.
-    """
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    multipart = media == "multipart/form-data"
-    raw = media.startswith("image/") or media == "application/octet-stream"
-    if media and not (multipart or raw):
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"send the image as multipart/form-data field 'image' or as a raw image/* body, "
-            f"not {media}",
-        )
-    cap = limit + (MULTIPART_OVERHEAD if multipart else 0)
-    too_large = ApiError(413, "upload_too_large", f"uploads are limited to {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not multipart:
-        return body
-    return await _multipart_image(request, body, limit, too_large)
-
-
-async def _multipart_image(request: Request, body: bytes, limit: int, too_large: ApiError) -> bytes:
-    if not body:
-        raise ApiError(400, "empty_body", "the request carried no image (empty body)")
-
-    async def replay() -> MutableMapping[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    # Parse the already-capped body: Request(...) over a replayed receive, public API only.
-    form_request = Request(request.scope, replay)
-    try:
-        form = await form_request.form(max_files=4, max_fields=16)
-    except (MultiPartException, StarletteHTTPException, ValueError) as exc:
-        detail = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc)
-        raise ApiError(
-            400, "malformed_multipart", f"cannot parse the multipart body: {detail}"
-        ) from exc
-    try:
-        upload = form.get("image")
-        if upload is None:
-            raise ApiError(
-                400,
-                "missing_image_field",
-                "multipart body has no field named 'image'",
-                fields=sorted(set(form.keys())),
-            )
-        if not isinstance(upload, UploadFile):
-            raise ApiError(400, "image_field_not_a_file", "field 'image' must be a file upload")
-        data = await upload.read()
-    finally:
-        await form.close()
-    if len(data) > limit:
-        raise too_large
-    return data
-
-
 def _status_url(request: Request, job_id: str) -> str:
     return str(request.app.url_path_for("get_job", job_id=job_id))
 
@@ -468,76 +359,6 @@ def server_timing(
     return ", ".join(parts)
 
 
-class _RequestMetricsMiddleware:
-    """Counts requests by route *template* (never the raw path: job ids would explode labels)."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ApiMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        started = time.perf_counter()
-
-        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
-            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - started)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error, exc.detail, exc.headers, **exc.extra)
-
-    @app.exception_handler(ImageError)
-    async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()
-        ]
-        return error_response(422, "invalid_request", errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, f"http_{exc.status_code}"
-        )
-        return error_response(exc.status_code, code, exc.detail, dict(exc.headers or {}))
-
-    @app.exception_handler(RedisError)
-    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
-        log.warning("redis error on %s: %r", request.url.path, exc)
-        retry = str(request.app.state.settings.retry_after_s)
-        return error_response(
-            503, "queue_unavailable", f"the job queue is unreachable: {exc}", {"Retry-After": retry}
-        )
-
-    @app.exception_handler(ManifestError)
-    async def _manifest_error(_: Request, exc: ManifestError) -> JSONResponse:
-        return error_response(503, "manifest_unavailable", str(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", "unexpected server error")
-
-
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the app; ``settings`` default to the environment / ``.env``."""
     settings = settings or ApiSettings()
@@ -562,7 +383,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics_
     app.state.catalog = ModelCatalog(settings.model_zoo_dir)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics_)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics_)
     return app

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+# Pillow opens MPO (multi-picture JPEG) through its JPEG plugin, so "JPEG" covers it.
+SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 
 _RGB_MODES = {"RGB", "RGBX", "L", "1", "CMYK", "YCbCr", "HSV", "P"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -146,8 +147,12 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         except Exception as exc:  # truncated data, bad CRC, broken compressed stream, ...
             raise CorruptImageError(f"image data is truncated or corrupt: {exc}") from exc
         source_mode = img.mode
-        upright = _apply_orientation(img)
-        converted = _to_rgb_or_rgba(upright)
+        try:
+            converted = _to_rgb_or_rgba(_apply_orientation(img))
+        except ImageError:
+            raise
+        except Exception as exc:  # a mode/format combination Pillow cannot convert
+            raise UnsupportedImageError(f"cannot convert {source_mode!r} pixels: {exc}") from exc
     return DecodedImage(
         width=converted.width,
         height=converted.height,

@@ -7,6 +7,10 @@ queue wait, compute and encode are measured where they happen, not guessed from 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -104,3 +108,32 @@ class ApiMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route *template* (never the raw path: job ids would explode labels)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
+            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - started)

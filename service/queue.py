@@ -68,8 +68,6 @@ class JobQueue:
     """
 
     def __init__(self, settings: ApiSettings) -> None:
-        if settings.wait_chunk_s >= settings.redis_timeout_s:
-            raise ValueError("wait_chunk_s must be shorter than redis_timeout_s")
         self.settings = settings
         self.keys = settings.keys
         self.redis = Redis.from_url(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobqueue.protocol import Keys
@@ -47,8 +47,8 @@ class ApiSettings(BaseSettings):
     max_queue_depth: int = Field(
         64,
         ge=1,
-        description="Jobs in the stream (queued or in flight) above which new work gets 503 + "
-        "Retry-After. Bounds Redis memory too: a job carries its decoded pixels.",
+        description="Most jobs in the stream (queued or in flight); at this depth new work gets "
+        "503 + Retry-After. Bounds Redis memory too: a job carries its decoded pixels.",
     )
     request_timeout_s: float = Field(
         60.0, gt=0, description="How long a synchronous request waits for its result (504)."
@@ -57,7 +57,10 @@ class ApiSettings(BaseSettings):
         600.0, gt=0, description="Deadline of a ?mode=async job: not started after it, it fails."
     )
     result_ttl_s: int = Field(
-        600, ge=1, description="How long job status, cancel markers (and async results) live."
+        600,
+        ge=1,
+        description="Lifetime of cancel markers and of job status records after the deadline. "
+        "Results expire after the worker's RESULT_TTL_S: give both the same value.",
     )
     retry_after_s: int = Field(
         2, ge=0, description="Retry-After seconds sent with 503 (queue full, Redis down)."
@@ -68,6 +71,13 @@ class ApiSettings(BaseSettings):
     wait_chunk_s: float = Field(
         1.0, gt=0, le=30, description="Longest single BLPOP while waiting, so Redis loss is seen."
     )
+
+    @model_validator(mode="after")
+    def _chunk_below_socket_timeout(self) -> ApiSettings:
+        # A BLPOP longer than the socket timeout would be cut off by the client as an error.
+        if self.wait_chunk_s >= self.redis_timeout_s:
+            raise ValueError("WAIT_CHUNK_S must be shorter than REDIS_TIMEOUT_S")
+        return self
 
     @property
     def keys(self) -> Keys:

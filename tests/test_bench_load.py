@@ -134,7 +134,10 @@ def test_open_loop_mixed_sizes_and_upscale(tiny_server: str) -> None:
     assert {smp.size for smp in lvl.samples} == {(16, 16), (24, 8)}
     assert set(s["latency_ms_by_size"]) == {"16x16", "24x8"}
     # x4 of a 24x8 PNG is much larger than x4 of ... at least check outputs are upscaled PNGs
-    assert min(smp.bytes_out for smp in lvl.samples) > 0
+    assert {(smp.size, smp.out_size) for smp in lvl.samples} == {
+        ((16, 16), (64, 64)),
+        ((24, 8), (96, 32)),
+    }
 
 
 def test_errors_are_counted_by_status(tiny_server: str) -> None:

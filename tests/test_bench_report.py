@@ -125,3 +125,15 @@ def test_markdown_table_alignment_and_digits() -> None:
     assert md.splitlines()[1] == "|---|---:|"
     assert "| x | 1.23 |" in md
     assert "| y\\|z | - |" in md
+
+
+def test_merging_rounds_pools_samples_and_time() -> None:
+    first = _level(2, [0.010, 0.020], [200, 200])
+    first.merge(_level(2, [0.030, 0.040], [200, 503]))
+    s = first.summary()
+    assert (s["requests"], s["ok"], s["wall_s"]) == (4, 3, 4.0)
+    assert s["images_per_s"] == pytest.approx(0.75)
+    assert s["latency_ms"]["max"] == pytest.approx(30.0)
+    assert s["errors"] == {"503": 1}
+    # the second round's start times continue after the first round's wall time
+    assert first.samples[2].start_s == pytest.approx(2.0)

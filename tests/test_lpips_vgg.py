@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_shape_mismatch_is_rejected(lpips: LPIPS) -> None:
         lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 30))
 
 
-def test_checkpoint_without_lin_layers_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_without_lin_layers_is_refused(tmp_path: Path) -> None:
     convs = {
         f"Conv_{j}": {"kernel": np.zeros((3, 3, 1, 1), np.float32), "bias": np.zeros(1, np.float32)}
         for j in range(13)

@@ -19,8 +19,8 @@ Why the result is seamless:
   tiles differ from the untiled result only where their context is cut - which the overlap
   above removes. SR nets use BatchNorm in eval (a fixed affine map) and need no statistics.
 
-The two ramps at one cut sit at the same place and sum to one, so contributions are simply
-added: no weight map is kept and no division is needed.
+The two ramps at one cut sit at the same place and sum to one, and the weights are separable
+(row weight x column weight), so contributions are simply added: no weight map is kept.
 """
 
 from __future__ import annotations
@@ -65,10 +65,9 @@ def auto_overlap(radius: int, stride: int) -> int:
     return _round_up(2 * radius + DEFAULT_FEATHER, stride)
 
 
-def axis_weights(
+def _raw_weights(
     windows: list[tuple[int, int]], index: int, scale: int, feather: int
 ) -> torch.Tensor:
-    """Blend weight of window ``index`` along one axis, per *output* pixel (input x ``scale``)."""
     start, end = windows[index]
     positions = torch.arange(start * scale, end * scale, dtype=torch.float32) + 0.5
     weight = torch.ones_like(positions)
@@ -86,6 +85,24 @@ def axis_weights(
         else:
             weight *= (positions < cut).float()
     return weight
+
+
+def axis_weights(windows: list[tuple[int, int]], scale: int, feather: int) -> list[torch.Tensor]:
+    """Blend weight of each window along one axis, per *output* pixel (input x ``scale``).
+
+    Normalised so that the windows sum to one at every pixel. With the usual geometry the
+    ramps already do (only neighbours overlap); the division matters when a small tile forces
+    windows to overlap their neighbours' neighbours too. A 2-D tile weight is the product of
+    its row and column weights, so 2-D sums are one as well.
+    """
+    raw = [_raw_weights(windows, i, scale, feather) for i in range(len(windows))]
+    total = torch.zeros(windows[-1][1] * scale)
+    for (start, end), weight in zip(windows, raw, strict=True):
+        total[start * scale : end * scale] += weight
+    return [
+        weight / total[start * scale : end * scale]
+        for (start, end), weight in zip(windows, raw, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -145,11 +162,12 @@ class TileAccumulator:
         self.plan = plan
         self.scale = scale
         self.image = torch.zeros(3, plan.height * scale, plan.width * scale)
+        self.row_weights = axis_weights(plan.rows, scale, plan.feather)
+        self.col_weights = axis_weights(plan.cols, scale, plan.feather)
 
     def add(self, tile: Tile, output: torch.Tensor) -> None:
         """``output``: 3 x tile_h*scale x tile_w*scale, any float dtype and device."""
-        wy = axis_weights(self.plan.rows, tile.row, self.scale, self.plan.feather)
-        wx = axis_weights(self.plan.cols, tile.col, self.scale, self.plan.feather)
+        wy, wx = self.row_weights[tile.row], self.col_weights[tile.col]
         s = self.scale
         region = self.image[:, tile.top * s : tile.bottom * s, tile.left * s : tile.right * s]
         region.add_(output.float().cpu() * wy[:, None] * wx[None, :])

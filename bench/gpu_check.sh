@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The prepared GPU check of issue 4, for one device call (results land in $OUT):
+#   1. forward pass, all nets, 256/512/1024 px output, batch 1/8/32: naive fp32 eager vs fp16
+#      autocast vs the worker's own path (worker.engine, PRECISION=auto = fp16 on CUDA), with
+#      achieved TFLOP/s against the card's peak and PSNR vs fp32;
+#   2. worker-only throughput through a private redis-server: MAX_BATCH=1 vs 32 at 512 px;
+#   3. eager vs torch.compile (fp32 and fp16) for the style net (last: compiling is slow, and a
+#      timeout there must not cost the numbers above).
+# Before the session, HERE: bash bench/gpu_prepare.sh   (wheels + redis-server into .whl/ .gpu/)
+# Device call: run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu"], timeout_s=560)
+# Also runs on a CPU box for a dry run: DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh
+# At most 8 files come back from $OUT: forward.{json,md,png}, worker.{json,md},
+# forward_compile.{json,md} and gpu_check.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+started=$(date +%s)
+stamp() { echo "[gpu_check] $(( $(date +%s) - started ))s: $*"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if [ -x .gpu/redis-server ] && ! command -v redis-server >/dev/null; then
+    export REDIS_SERVER_BIN="$PWD/.gpu/redis-server"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "(no nvidia-smi)"
+"$PY" - <<'PYEOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))
+for mod in ("pydantic", "pydantic_settings", "redis", "httpx", "safetensors", "PIL"):
+    try:
+        importlib.import_module(mod); print("ok", mod)
+    except Exception as exc:
+        print("MISSING", mod, exc)
+PYEOF
+
+if [ "${QUICK:-0}" = 1 ]; then
+    SIZES=64,128; BATCHES=1,2; REPS=2; WSIZE=64; WREQ=8; WBATCH=4; NETS_C=style
+    TINY=--tiny
+else
+    SIZES=256,512,1024; BATCHES=1,8,32; REPS=10; WSIZE=512; WREQ=256; WBATCH=32; NETS_C=style
+    TINY=
+fi
+VARIANTS=fp32,fp16,worker
+[ "$DEVICE" = cpu ] && VARIANTS=fp32,bf16,worker
+
+stamp "1/3 forward"
+timeout "${FORWARD_TIMEOUT:-200}" "$PY" -m bench forward --device "$DEVICE" $TINY \
+    --sizes "$SIZES" --batches "$BATCHES" --variants "$VARIANTS" --reps "$REPS" --warmup 3 \
+    --max-batch-pixels 40000000 --out "$OUT" --name forward \
+    || stamp "forward failed or timed out (rc=$?)"
+
+stamp "2/3 worker-only throughput"
+if command -v "${REDIS_SERVER_BIN:-redis-server}" >/dev/null; then
+    DEVICE_ENV=DEVICE=$DEVICE
+    timeout "${WORKER_TIMEOUT:-130}" "$PY" -m bench worker $TINY --sizes "$WSIZE" \
+        --concurrency "1,$WBATCH" --max-batch "1,$WBATCH" --requests "$WREQ" --warmup 4 \
+        --worker-env "$DEVICE_ENV" --worker-env MAX_BATCH_PIXELS=67108864 \
+        --out "$OUT" --name worker \
+        || stamp "worker bench failed or timed out (rc=$?)"
+else
+    stamp "no redis-server (run bench/gpu_prepare.sh here and carry .gpu): skipped"
+fi
+
+stamp "3/3 eager vs torch.compile (style net)"
+COMPILE_VARIANTS=fp32,fp16,fp32_compile,fp16_compile
+[ "$DEVICE" = cpu ] && COMPILE_VARIANTS=fp32,fp32_compile
+# batch 1 and 8 only: every new shape can mean a recompile; rows are saved as they finish
+timeout "${COMPILE_TIMEOUT:-180}" "$PY" -m bench forward --device "$DEVICE" $TINY \
+    --nets "$NETS_C" --sizes "$SIZES" --batches "${BATCHES%,*}" --variants "$COMPILE_VARIANTS" \
+    --reps "$REPS" --warmup 3 --max-batch-pixels 40000000 --no-plot --out "$OUT" \
+    --name forward_compile \
+    || stamp "compile run failed or timed out (rc=$?)"
+stamp "done"
+ls -la "$OUT"

@@ -1,0 +1,214 @@
+"""``python -m bench worker``: worker throughput without HTTP, through the real Redis queue.
+
+Starts a private redis-server and ``python -m worker`` (one configuration after another, e.g.
+``MAX_BATCH=1`` then dynamic batching), and drives the queue with the API's own client
+(``service.queue.JobQueue``: the same Lua enqueue, the same BLPOP wait) from ``concurrency``
+callers. What is left out compared with ``load``: HTTP, multipart parsing and PNG decoding of
+uploads. This is the test for a GPU machine (no FastAPI needed there) and isolates the worker's
+batching from the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.images import parse_sizes, synthetic_array
+from bench.loadgen import LevelResult, Sample
+from bench.report import machine_info, markdown_table, write_json, write_markdown
+from bench.stats import ratio
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zoo", default=None, help="zoo folder (default: package zoo/untrained)")
+    parser.add_argument("--tiny", action="store_true", help="tiny untrained nets (smoke tests)")
+    parser.add_argument("--op", choices=["stylize", "upscale"], default="stylize")
+    parser.add_argument("--style", default="mosaic")
+    parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--sizes", default="256", help="input sizes; several = mixed workload")
+    parser.add_argument("--concurrency", default="1,8", help="callers, comma-separated")
+    parser.add_argument("--requests", type=int, default=64, help="jobs per level and config")
+    parser.add_argument("--duration", type=float, default=120.0, help="max seconds per level")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--max-batch", default="1,8", help="MAX_BATCH of each worker configuration in turn"
+    )
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="extra worker env"
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--redis-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
+    )
+    parser.add_argument("--name", default="worker", help="file stem of the report files")
+
+
+async def drive(
+    redis_url: str,
+    prefix: str,
+    *,
+    model: str,
+    op: str,
+    images: list[Any],
+    concurrency: int,
+    requests: int,
+    duration_s: float,
+    warmup: int,
+    timeout_s: float,
+    label: str,
+) -> LevelResult:
+    """``concurrency`` callers, each enqueue -> wait -> next, through the API's queue client."""
+    import random
+
+    from jobqueue.protocol import Job
+    from service.queue import JobQueue
+    from service.settings import ApiSettings
+
+    settings = ApiSettings(
+        redis_url=redis_url,
+        queue_prefix=prefix,
+        max_queue_depth=100_000,
+        request_timeout_s=timeout_s,
+    )
+    queue = JobQueue(settings)
+    rng = random.Random(0)
+    level = LevelResult(mode="closed", workload=label, concurrency=concurrency)
+
+    async def one(pixels: Any, t0: float, record: bool) -> None:
+        height, width, channels = pixels.shape
+        job = Job(
+            model=model, op=op, width=width, height=height, channels=channels,  # type: ignore[arg-type]
+            pixels=pixels.tobytes(), deadline=time.time() + timeout_s,
+        )  # fmt: skip
+        start = time.perf_counter()
+        status: int | str = 200
+        timings: dict[str, float] = {}
+        nbytes = 0
+        try:
+            await queue.enqueue(job, status_ttl_s=int(timeout_s) + 60)
+            result = await queue.wait(job.job_id, job.deadline)
+            status = 200 if result.ok else result.status_code
+            nbytes = len(result.image)
+            timings = {
+                k: (v if k == "batch_size" else v * 1000.0)
+                for k, v in result.timings.items()
+                if isinstance(v, int | float)
+            }
+        except Exception as exc:  # a failure is a sample, never a crashed benchmark
+            status = type(exc).__name__
+        if record:
+            level.samples.append(
+                Sample(start - t0, time.perf_counter() - start, status,
+                       (int(pixels.shape[1]), int(pixels.shape[0])), nbytes, timings)
+            )  # fmt: skip
+
+    try:
+        t_warm = time.perf_counter()
+        await asyncio.gather(*(one(images[i % len(images)], t_warm, False) for i in range(warmup)))
+        issued = 0
+        t0 = time.perf_counter()
+        deadline = t0 + duration_s
+
+        async def caller() -> None:
+            nonlocal issued
+            while issued < requests and time.perf_counter() < deadline:
+                issued += 1
+                await one(rng.choice(images), t0, True)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        level.wall_s = time.perf_counter() - t0
+    finally:
+        await queue.close()
+    return level
+
+
+def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.stack import Stack, make_bench_zoo
+
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    batches = [int(b) for b in args.max_batch.split(",") if b.strip()]
+    requests, warmup = (min(args.requests, 16), min(args.warmup, 1)) if args.quick else (
+        args.requests, args.warmup)  # fmt: skip
+    sizes = parse_sizes(args.sizes)
+    images = [synthetic_array(w, h, seed=20 + i) for i, (w, h) in enumerate(sizes)]
+    model = args.style if args.op == "stylize" else f"x{args.factor}"
+    label = f"{args.op} {model} " + ",".join(f"{w}x{h}" for w, h in sizes)
+    extra = dict(kv.split("=", 1) for kv in args.worker_env)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    zoo, zoo_note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
+    results: dict[str, list[dict[str, Any]]] = {}
+    redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
+    with Stack(zoo_dir=zoo, workdir=tmp, redis_config=redis_config) as stack:
+        stack.start_redis()
+        redis_info = stack.redis_info()
+        for mb in batches:
+            config = f"max_batch={mb}"
+            env = {**extra, "MAX_BATCH": str(mb), "WORKER_MODELS": model}
+            stack.stop_workers()
+            stack.start_workers(env)
+            stack.wait_workers_redis(1)
+            results[config] = []
+            for conc in concurrencies:
+                level = asyncio.run(
+                    drive(
+                        stack.redis_url, stack.prefix, model=model, op=args.op, images=images,
+                        concurrency=conc, requests=requests, duration_s=args.duration,
+                        warmup=warmup, timeout_s=args.timeout, label=label,
+                    )
+                )  # fmt: skip
+                s = level.summary()
+                results[config].append(s)
+                print(
+                    f"[worker] {config:12} c={conc:<3} img/s={s['images_per_s']:.2f} "
+                    f"p50={s['latency_ms']['p50']:.0f}ms p99={s['latency_ms']['p99']:.0f}ms "
+                    f"batch={s['batch_size']:.2f} errors={s['errors']}",
+                    flush=True,
+                )
+    base = next(iter(results))
+    for config, levels in results.items():
+        for lvl, ref in zip(levels, results[base], strict=True):
+            lvl["throughput_vs_first"] = ratio(lvl["images_per_s"], ref["images_per_s"])
+            lvl["p99_vs_first"] = ratio(lvl["latency_ms"]["p99"], ref["latency_ms"]["p99"])
+            lvl["config"] = config
+    return {"zoo": zoo_note, "redis": redis_info, "workload": label, "results": results}
+
+
+def worker_markdown(result: dict[str, Any]) -> str:
+    headers = [
+        "config", "conc", "jobs", "ok", "img/s", "x first", "p50 ms", "p99 ms", "p99 x first",
+        "queue ms", "compute ms", "encode ms", "batch",
+    ]  # fmt: skip
+    rows = []
+    for levels in result["results"].values():
+        for s in levels:
+            rows.append([
+                s["config"], s["concurrency"], s["requests"], s["ok"], s["images_per_s"],
+                s["throughput_vs_first"], s["latency_ms"]["p50"], s["latency_ms"]["p99"],
+                s["p99_vs_first"], s["server_ms"]["queue"], s["server_ms"]["compute"],
+                s["server_ms"]["encode"], s["batch_size"],
+            ])  # fmt: skip
+    text = markdown_table(headers, rows, [0, 0, 0, 0, 2, 2, 1, 1, 2, 1, 1, 1, 2])
+    return text + (
+        f"\nWorkload: `{result['workload']}`; models: {result['zoo']}; Redis {result['redis']}.\n"
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    result = run_worker_bench(args)
+    meta = machine_info()
+    out = Path(args.out)
+    write_json(out / f"{args.name}.json", {"benchmark": "worker", "meta": meta, **result})
+    write_markdown(
+        out / f"{args.name}.md", "Worker throughput (no HTTP)", worker_markdown(result), meta
+    )
+    print(worker_markdown(result))
+    return result

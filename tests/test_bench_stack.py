@@ -1,0 +1,60 @@
+"""The benchmarks that start the real service (redis-server, API, worker) on tiny nets: they
+must bring the stack up, drive it, report every request, and stop everything they started."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main as bench_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_batching_compares_max_batch_1_with_dynamic(tmp_path: Path) -> None:
+    rc = bench_main(
+        ["batching", "--tiny", "--size", "32", "--mixed-sizes", "24,32,40x24",
+         "--concurrency", "3", "--requests", "6", "--warmup", "1", "--max-batch", "4",
+         "--worker-env", "TORCH_THREADS=1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "batching.json").read_text())
+    single = data["results"]["max_batch=1"]
+    dynamic = data["results"]["dynamic(max_batch=4)"]
+    for phase in (single, dynamic):
+        for workload in ("same-size", "mixed-size"):
+            (level,) = phase[workload]
+            assert level["requests"] == 6 and level["ok"] == 6, level["errors"]
+            assert level["server_ms"]["compute"] > 0  # Server-Timing came through
+    # the worker really ran with MAX_BATCH=1: every image alone (X-Batch-Size header)
+    assert single["same-size"][0]["batch_size_header"] == 1.0
+    assert 1.0 <= dynamic["same-size"][0]["batch_size_header"] <= 3.0
+    assert len(data["comparisons"]) == 2
+    assert {c["workload"] for c in data["comparisons"]} == {"same-size", "mixed-size"}
+    assert "| stylize style=mosaic 32x32 | 3 |" in (tmp_path / "batching.md").read_text()
+    assert (tmp_path / "batching.png").stat().st_size > 0
+
+
+def test_e2e_and_spawned_load(tmp_path: Path) -> None:
+    rc = bench_main(
+        ["e2e", "--tiny", "--size", "32", "--requests", "3", "--warmup", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    assert e2e["e2e"]["ok"] == 3
+    assert e2e["bare"]["forward_ms"] > 0 and e2e["bare"]["encode_ms"] > 0
+    assert e2e["e2e_p50_over_bare"] > 0
+    rc = bench_main(
+        ["load", "--spawn", "--tiny", "--endpoint", "upscale", "--factor", "4",
+         "--sizes", "16", "--concurrency", "2", "--requests", "4", "--warmup", "0",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    load = json.loads((tmp_path / "load.json").read_text())
+    (level,) = load["levels"]
+    assert level["ok"] == 4 and level["errors"] == {}
+    # every 16 px upload came back as a 4x upscaled PNG
+    assert [tuple(s["out_size"]) for s in load["samples"]["0"]] == [(64, 64)] * 4

@@ -1,0 +1,103 @@
+"""``python -m model_zoo.gallery`` on tiny models: both JPEGs, their layout, the crop choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_zoo import gallery
+from model_zoo.nets import build_net
+from model_zoo.registry import save_model
+from tests.conftest import TINY_SR
+
+
+def _photo(path: Path, w: int, h: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_model(
+        build_net(TINY_SR[4]),
+        name="x4_pixel",
+        kind="sr",
+        arch=TINY_SR[4],
+        root=tiny_zoo,
+        factor=4,
+        loss="pixel",
+    )
+    photos = [_photo(tmp_path / f"p{i}.png", 60 + i, 50, i) for i in range(3)]
+    sr_photo = _photo(tmp_path / "sr.png", 72, 64, 9)
+    styles_out, sr_out = tmp_path / "out" / "styles.jpg", tmp_path / "out" / "sr.jpg"
+    rc = gallery.main(
+        [
+            "--zoo",
+            str(tiny_zoo),
+            "--photos",
+            *map(str, photos),
+            "--sr-photos",
+            str(sr_photo),
+            "--styles-out",
+            str(styles_out),
+            "--sr-out",
+            str(sr_out),
+            "--style-size",
+            "48",
+            "--cell",
+            "40",
+            "--sr-crop",
+            "24",
+            "--sr-cell",
+            "48",
+        ]
+    )
+    assert rc == 0
+    with Image.open(styles_out) as img:
+        assert img.format == "JPEG"
+        # columns: photo + the two style models (mosaic, tiny_style); rows: three photos
+        assert img.size == (3 * 40, 3 * (40 + gallery.LABEL_HEIGHT))
+    with Image.open(sr_out) as img:
+        assert img.format == "JPEG"
+        # x4 row: bicubic | x4_pixel | x4 | HR; x8 row: bicubic | x8 | HR
+        assert img.size == (4 * 48, 2 * (48 + gallery.LABEL_HEIGHT))
+
+
+def test_sr_columns_put_the_pixel_model_before_the_feature_model(tiny_zoo: Path) -> None:
+    torch.manual_seed(0)
+    save_model(
+        build_net(TINY_SR[4]),
+        name="x4_pixel",
+        kind="sr",
+        arch=TINY_SR[4],
+        root=tiny_zoo,
+        factor=4,
+        loss="pixel",
+    )
+    from model_zoo.registry import list_models
+
+    order = gallery._sr_methods([e for e in list_models(tiny_zoo) if e.kind == "sr"])
+    assert [e.name for e in order[4]] == ["x4_pixel", "x4"]
+    assert [e.name for e in order[8]] == ["x8"]
+
+
+def test_crop_goes_where_the_texture_is() -> None:
+    rng = np.random.default_rng(0)
+    array = np.full((64, 96, 3), 128, np.uint8)
+    array[20:52, 56:90] = rng.integers(0, 256, (32, 34, 3), dtype=np.uint8)
+    left, top, right, bottom = gallery.textured_crop_box(Image.fromarray(array), 24, stride=4)
+    assert (right - left, bottom - top) == (24, 24)
+    assert left >= 56 and right <= 90 and top >= 20 and bottom <= 52
+
+
+def test_missing_photos_are_an_error(
+    tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = gallery.main(["--zoo", str(tiny_zoo), "--photos", str(tmp_path / "nope.jpg")])
+    assert rc == 2
+    assert "nope.jpg" in capsys.readouterr().err

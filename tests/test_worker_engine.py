@@ -1,0 +1,274 @@
+"""The worker's inference engine on real (tiny, untrained) zoo models: batching, precision,
+tiling, alpha, encoding. No Redis here; tests/test_worker_queue.py runs the worker process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_zoo.apply import apply_to_image
+from model_zoo.config import StyleNetConfig
+from model_zoo.nets import build_net
+from model_zoo.registry import load_model, save_model
+from worker.batching import pack
+from worker.encoding import EncodeOptions, encode
+from worker.engine import Engine
+from worker.ragged import pad_to_stride
+from worker.settings import WorkerSettings
+from worker.tiling import TileAccumulator, plan_tiles
+
+
+def image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A photo-like test image: smooth gradients and blobs plus mild noise (pure noise is an
+    unrealistic worst case for reduced precision and compresses like nothing else)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack(
+        [np.sin(6 * x + seed) * 0.5 + 0.5, y, np.cos(9 * x * y + seed) * 0.5 + 0.5], axis=-1
+    )
+    pixels = base * 200 + rng.normal(0, 12, (height, width, 3)) + 20
+    if channels == 4:
+        alpha = (x * 255 + rng.integers(0, 40, (height, width)))[..., None]
+        pixels = np.concatenate([pixels, alpha], axis=-1)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def reference(zoo: Path, name: str, pixels: np.ndarray) -> np.ndarray:
+    """What ``model_zoo.apply`` (fp32, untiled, unbatched) makes of ``pixels``."""
+    net, _ = load_model(name, root=zoo)
+    return np.asarray(apply_to_image(net, Image.fromarray(pixels[..., :3])))
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+MIXED = [(40, 48), (40, 48), (37, 50), (33, 46), (64, 64), (21, 30), (60, 57)]
+
+
+def test_batch_equivalence_holds_for_the_full_size_style_net(tiny_zoo: Path) -> None:
+    """bf16 amplifies 1-ulp differences through the 15 InstanceNorm layers of the real
+    architecture, which the tiny net does not show: padded and alone must stay bit-identical."""
+    torch.manual_seed(1)
+    save_model(
+        build_net(StyleNetConfig()),
+        name="full_style",
+        kind="style",
+        arch=StyleNetConfig(),
+        root=tiny_zoo,
+    )
+    engine = Engine(zoo_dir=tiny_zoo, precision="auto")
+    assert engine.model("full_style").exact_padding
+    requests = [("full_style", image(h, w, seed=h)) for h, w in [(48, 48), (45, 39), (32, 52)]]
+    together = engine.run(requests)
+    assert [o.batch_size for o in together] == [3, 3, 3]
+    for request, out in zip(requests, together, strict=True):
+        (alone,) = engine.run([request])
+        assert max_diff(out.pixels, alone.pixels) <= 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["tiny_style", "x4"])
+def test_batch_gives_each_job_the_pixels_it_gets_alone(
+    tiny_zoo: Path, name: str, precision: str
+) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision=precision, max_batch=8)
+    requests = [(name, image(h, w, seed=i)) for i, (h, w) in enumerate(MIXED)]
+    together = engine.run(requests)
+    for (model, pixels), out in zip(requests, together, strict=True):
+        (alone,) = engine.run([(model, pixels)])
+        assert alone.batch_size == 1
+        assert max_diff(out.pixels, alone.pixels) <= 1
+        if precision == "fp32":  # and both are what the plain reference path gives
+            assert max_diff(out.pixels, reference(tiny_zoo, name, pixels)) <= 1
+    # Mixed sizes share forward passes instead of collapsing to batch size 1.
+    assert max(o.batch_size for o in together) >= 3
+    assert together[0].batch_size >= 2  # the equal-size pair at least
+
+
+def test_padded_batch_is_exact_across_very_different_sizes(tiny_zoo: Path) -> None:
+    """Allowing any amount of filler stresses the per-sample padding and normalisation."""
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", max_pad_fraction=0.99)
+    requests = [("tiny_style", image(h, w, seed=h)) for h, w in [(64, 64), (13, 9), (30, 61)]]
+    together = engine.run(requests)
+    assert all(o.batch_size == 3 for o in together)
+    for (name, pixels), out in zip(requests, together, strict=True):
+        assert max_diff(out.pixels, reference(tiny_zoo, name, pixels)) <= 1
+
+
+@pytest.mark.parametrize("name", ["tiny_style", "x4", "x8"])
+def test_reduced_precision_keeps_psnr_above_40db(tiny_zoo: Path, name: str) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="auto")
+    expected = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+    assert engine.precision == expected
+    for seed, (h, w) in enumerate([(64, 64), (48, 36)]):
+        pixels = image(h, w, seed=seed)
+        (out,) = engine.run([(name, pixels)])
+        ref = reference(tiny_zoo, name, pixels)
+        assert psnr(out.pixels, ref) >= 40.0
+    if expected == "bf16" and name == "tiny_style":
+        assert max_diff(out.pixels, ref) > 0  # the reduced-precision path really ran
+
+
+def naive_tiles(engine: Engine, name: str, pixels: np.ndarray, tile: int) -> np.ndarray:
+    """Tiling without frozen statistics: every tile normalised by its own InstanceNorm."""
+    model = engine.model(name)
+    padded_h, padded_w = (-(-s // model.stride) * model.stride for s in pixels.shape[:2])
+    plan = plan_tiles(padded_h, padded_w, tile=tile, overlap=56, radius=model.radius, stride=4)
+    padded = pad_to_stride(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), 4)
+    padded = padded.permute(0, 2, 3, 1)[0].round().to(torch.uint8).numpy()
+    accumulator = TileAccumulator(plan, 1)
+    for t in plan.tiles:
+        (out,) = engine.run([(name, padded[t.top : t.bottom, t.left : t.right])])
+        accumulator.add(t, torch.from_numpy(out.pixels).permute(2, 0, 1).float() / 255)
+    result = accumulator.image[:, : pixels.shape[0], : pixels.shape[1]]
+    return (result.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiled_style_matches_untiled(tiny_zoo: Path, precision: str) -> None:
+    pixels = image(150, 190, seed=3)
+    untiled = Engine(zoo_dir=tiny_zoo, precision=precision, tile_size=4096)
+    tiled = Engine(zoo_dir=tiny_zoo, precision=precision, tile_size=96, tile_stats_size=256)
+    plan = tiled._tile_plan(tiled.model("tiny_style"), 152, 192)
+    assert plan is not None and len(plan.tiles) >= 4
+    (whole,) = untiled.run([("tiny_style", pixels)])
+    (tiles,) = tiled.run([("tiny_style", pixels)])
+    assert max_diff(tiles.pixels, whole.pixels) <= 1
+    if precision == "fp32":
+        # Per-tile InstanceNorm statistics would visibly shift colours from tile to tile.
+        assert max_diff(naive_tiles(untiled, "tiny_style", pixels, 96), whole.pixels) > 8
+
+
+def test_tiles_with_downscaled_statistics_form_one_seamless_image(tiny_zoo: Path) -> None:
+    """Above TILE_STATS_SIZE the statistics come from a downscaled copy: approximate, but the
+    same for every tile, so the tiles still form the one image those statistics give."""
+    pixels = image(150, 190, seed=4)
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=96, tile_stats_size=96)
+    (tiles,) = engine.run([("tiny_style", pixels)])
+    model = engine.model("tiny_style")
+    padded = pad_to_stride(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, 4)
+    request = type("R", (), {"padded": padded, "height": 150, "width": 190, "model": model})
+    small = engine._stats_input(request)  # type: ignore[arg-type]
+    assert max(small.shape[-2:]) <= 96
+    _, stats = engine._forward(model, [small], [None], want_stats=True)
+    assert stats is not None
+    (whole,), _ = engine._forward(model, [padded], [stats[0]])
+    whole_pixels = (whole[:, :150, :190].clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    assert max_diff(tiles.pixels, whole_pixels.numpy()) <= 1
+    untiled = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=4096)
+    (exact,) = untiled.run([("tiny_style", pixels)])
+    naive = naive_tiles(untiled, "tiny_style", pixels, 96)
+    assert psnr(tiles.pixels, exact.pixels) > psnr(naive, exact.pixels) + 3
+
+
+@pytest.mark.parametrize("name", ["x4", "x8"])
+def test_tiled_sr_matches_untiled(tiny_zoo: Path, name: str) -> None:
+    pixels = image(45, 70, seed=5)
+    (whole,) = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=4096).run([(name, pixels)])
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=160)
+    assert engine._tile_plan(engine.model(name), 45, 70) is not None
+    (tiles,) = engine.run([(name, pixels)])
+    assert max_diff(tiles.pixels, whole.pixels) <= 1
+
+
+def test_tiles_of_different_images_share_forward_passes(tiny_zoo: Path) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=96, max_batch=8)
+    requests = [("tiny_style", image(h, w, seed=h)) for h, w in [(150, 190), (130, 100)]]
+    together = engine.run(requests)
+    assert min(o.batch_size for o in together) == 2
+    for request, out in zip(requests, together, strict=True):
+        (alone,) = engine.run([request])
+        assert max_diff(out.pixels, alone.pixels) <= 1
+
+
+def test_alpha_is_kept_for_style_and_resized_for_sr(tiny_zoo: Path) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32")
+    rgba = image(30, 41, channels=4, seed=6)
+    style, sr = engine.run([("tiny_style", rgba), ("x4", rgba)])
+    assert style.pixels.shape == (30, 41, 4) and sr.pixels.shape == (120, 164, 4)
+    np.testing.assert_array_equal(style.pixels[..., 3], rgba[..., 3])
+    expected = Image.fromarray(rgba[..., 3]).resize((164, 120), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(sr.pixels[..., 3], np.asarray(expected))
+    rgb_style, rgb_sr = engine.run([("tiny_style", rgba[..., :3]), ("x4", rgba[..., :3])])
+    np.testing.assert_array_equal(style.pixels[..., :3], rgb_style.pixels)
+    np.testing.assert_array_equal(sr.pixels[..., :3], rgb_sr.pixels)
+
+
+def test_unknown_model_raises_not_found(tiny_zoo: Path) -> None:
+    from model_zoo.registry import ModelNotFoundError
+
+    engine = Engine(zoo_dir=tiny_zoo)
+    with pytest.raises(ModelNotFoundError):
+        engine.run([("no_such_model", image(8, 8))])
+
+
+@pytest.mark.parametrize("size", [(40, 50), (300, 257)])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_encoding_round_trips(size: tuple[int, int], channels: int) -> None:
+    pixels = image(*size, channels=channels)
+    sizes = {}
+    for level in (0, 1, 6, 9):
+        data, content_type = encode(pixels, "png", EncodeOptions(png_compress_level=level))
+        assert content_type == "image/png"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+        sizes[level] = len(data)
+    assert sizes[1] < sizes[0] and sizes[9] <= sizes[1]
+    for fmt, mime in [("jpeg", "image/jpeg"), ("webp", "image/webp")]:
+        data, content_type = encode(pixels, fmt)
+        decoded = Image.open(io.BytesIO(data))
+        assert content_type == mime and decoded.size == (size[1], size[0])
+        assert decoded.mode == ("RGB" if fmt == "jpeg" or channels == 3 else "RGBA")
+        rgb = np.asarray(decoded.convert("RGB")).astype(int)
+        if channels == 3:
+            assert psnr(rgb, pixels) > 25  # lossy, but the same picture
+    with pytest.raises(ValueError):
+        encode(pixels, "gif")
+
+
+def test_jpeg_composites_transparency_over_white() -> None:
+    pixels = np.zeros((16, 16, 4), dtype=np.uint8)  # fully transparent black
+    data, _ = encode(pixels, "jpeg")
+    assert np.asarray(Image.open(io.BytesIO(data))).min() > 245
+
+
+def test_pack_bounds_filler_units_and_pixels() -> None:
+    sizes = [(64, 64)] * 5 + [(60, 60), (16, 16), (64, 32)]
+    groups = pack(sizes, max_units=4, max_pixels=10**9, max_pad_fraction=0.25)
+    assert sorted(i for g in groups for i in g.members) == list(range(len(sizes)))
+    for g in groups:
+        assert len(g.members) <= 4
+        canvas = g.height * g.width * len(g.members)
+        assert canvas - sum(sizes[i][0] * sizes[i][1] for i in g.members) <= 0.25 * canvas
+    assert any(6 in g.members and len(g.members) == 1 for g in groups)  # 16x16 not padded to 64
+    assert max(len(g.members) for g in groups) == 4
+    small = pack(
+        [(64, 64)] * 4, max_units=8, max_pixels=2 * 64 * 64 * 16, max_pad_fraction=0, scale=4
+    )
+    assert [len(g.members) for g in small] == [2, 2]
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_MODELS", "mosaic, x4 ,")
+    monkeypatch.setenv("TILE_OVERLAP", "48")
+    monkeypatch.setenv("MAX_BATCH", "4")
+    settings = WorkerSettings(_env_file=None)
+    assert settings.worker_models == ["mosaic", "x4"]
+    assert settings.tile_overlap == 48 and settings.max_batch == 4
+    assert settings.queue_prefix == "imgsvc"
+    monkeypatch.setenv("TILE_OVERLAP", "auto")
+    monkeypatch.setenv("CLAIM_IDLE_MS", "100")
+    monkeypatch.setenv("HEARTBEAT_INTERVAL_S", "1")
+    with pytest.raises(ValueError, match="CLAIM_IDLE_MS"):
+        WorkerSettings(_env_file=None)

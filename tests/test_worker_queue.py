@@ -1,0 +1,351 @@
+"""``python -m worker`` as a real process against a real redis-server, speaking
+``jobqueue.protocol`` exactly as the API does: results, errors, reclaiming, dead-lettering,
+cancellation and shutdown."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import redis
+from PIL import Image
+
+from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, Keys
+from model_zoo.apply import apply_to_image
+from model_zoo.registry import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 90  # importing torch on a busy 2-core machine can take a while
+
+
+def image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def make_job(pixels: np.ndarray, model: str = "tiny_style", **fields: object) -> Job:
+    fields.setdefault("op", "upscale" if model.startswith("x") else "stylize")
+    height, width, channels = pixels.shape
+    return Job(
+        model=model,
+        width=width,
+        height=height,
+        channels=channels,
+        pixels=pixels.tobytes(),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def reference(zoo: Path, name: str, pixels: np.ndarray) -> np.ndarray:
+    net, _ = load_model(name, root=zoo)
+    return np.asarray(apply_to_image(net, Image.fromarray(pixels[..., :3])))
+
+
+class Queue:
+    """The API's side of the protocol, as a test client."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.redis = redis.Redis.from_url(url)
+        self.keys = Keys(prefix)
+
+    def submit(self, job: Job) -> str:
+        self.redis.xadd(self.keys.stream, job.to_fields())  # type: ignore[arg-type]
+        return job.job_id
+
+    def result(self, job_id: str, timeout: float = 60) -> JobResult:
+        popped = self.redis.blpop([self.keys.done(job_id)], timeout=timeout)
+        assert popped is not None, f"no result for job {job_id} within {timeout}s"
+        blob = self.redis.get(self.keys.result(job_id))
+        assert blob is not None
+        return JobResult.decode(blob)
+
+    def pending(self) -> list[dict]:
+        try:
+            return self.redis.xpending_range(self.keys.stream, CONSUMER_GROUP, "-", "+", 100)
+        except redis.ResponseError:
+            return []
+
+    def heartbeat(self, worker_id: str) -> dict | None:
+        raw = self.redis.get(self.keys.heartbeat(worker_id))
+        return json.loads(raw) if raw else None
+
+    def wait_pending_on(self, worker_id: str, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(p["consumer"].decode() == worker_id for p in self.pending()) >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{worker_id} never picked up {count} job(s)")
+
+
+class WorkerProcess:
+    def __init__(self, process: subprocess.Popen[bytes], worker_id: str, log: Path) -> None:
+        self.process, self.worker_id, self.log = process, worker_id, log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def run_worker(
+    url: str, zoo: Path, prefix: str, tmp_path: Path, wait_ready: bool = True, **env: object
+) -> Iterator[WorkerProcess]:
+    worker_id = f"w-{uuid.uuid4().hex[:8]}"
+    settings = {
+        "REDIS_URL": url,
+        "MODEL_ZOO_DIR": str(zoo),
+        "QUEUE_PREFIX": prefix,
+        "WORKER_ID": worker_id,
+        "TORCH_THREADS": "1",
+        "HEARTBEAT_INTERVAL_S": "0.2",
+        "CLAIM_IDLE_MS": "30000",
+        "MAX_WAIT_MS": "20",
+        "PRECISION": "fp32",
+        "LOG_LEVEL": "INFO",
+        **{k: str(v) for k, v in env.items()},
+    }
+    log = tmp_path / f"{worker_id}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker"],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **settings},
+        )
+    worker = WorkerProcess(process, worker_id, log)
+    try:
+        if wait_ready:
+            queue = Queue(url, prefix)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while queue.heartbeat(worker_id) is None:
+                assert process.poll() is None, f"worker exited early:\n{worker.output()}"
+                assert time.monotonic() < deadline, f"worker not ready:\n{worker.output()}"
+                time.sleep(0.05)
+        yield worker
+    except BaseException:
+        print(worker.output())
+        raise
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def assert_drained(queue: Queue) -> None:
+    assert queue.redis.xlen(queue.keys.stream) == 0
+    assert queue.pending() == []
+
+
+def test_job_on_the_stream_gets_the_models_pixels(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t1")
+    rgb, rgba = image(40, 52, seed=1), image(23, 31, channels=4, seed=2)
+    jobs = {
+        "style": make_job(rgb),
+        "sr_rgba": make_job(rgba, "x4", output_format="webp"),
+        "jpeg": make_job(rgb, "x8", output_format="jpeg"),
+    }
+    # Queued before any worker exists: the group is created from the stream's start.
+    for job in jobs.values():
+        queue.submit(job)
+    with run_worker(redis_server, tiny_zoo, "t1", tmp_path):
+        results = {name: queue.result(job.job_id) for name, job in jobs.items()}
+        assert all(r.ok and r.status_code == 200 for r in results.values())
+
+        style = results["style"]
+        assert style.content_type == "image/png"
+        decoded = np.asarray(Image.open(io.BytesIO(style.image)))
+        assert np.abs(decoded.astype(int) - reference(tiny_zoo, "tiny_style", rgb)).max() <= 1
+        assert set(style.timings) == {"queue", "compute", "encode", "batch_size"}
+        assert style.timings["compute"] > 0 and style.timings["batch_size"] >= 1
+
+        sr = Image.open(io.BytesIO(results["sr_rgba"].image))
+        assert results["sr_rgba"].content_type == "image/webp"
+        assert sr.size == (124, 92) and sr.mode == "RGBA"
+        jpeg = Image.open(io.BytesIO(results["jpeg"].image))
+        assert jpeg.format == "JPEG" and jpeg.size == (416, 320)
+
+        for job in jobs.values():
+            assert queue.redis.get(queue.keys.status(job.job_id)) == b"done"
+            assert 0 < queue.redis.ttl(queue.keys.result(job.job_id)) <= 600
+        assert_drained(queue)
+
+
+def test_bad_jobs_get_error_results_and_the_worker_survives(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t2")
+    with run_worker(redis_server, tiny_zoo, "t2", tmp_path) as worker:
+        unknown = queue.submit(make_job(image(16, 16), model="starry_night"))
+        wrong_op = queue.submit(make_job(image(16, 16), model="x4", op="stylize"))
+        malformed_id = uuid.uuid4().hex
+        good = make_job(image(24, 24))
+        malformed = good.to_fields() | {"job_id": malformed_id, "width": "25"}
+        queue.redis.xadd(queue.keys.stream, malformed)  # type: ignore[arg-type]
+        no_id = queue.redis.xadd(queue.keys.stream, {"model": "x4"})
+        queue.submit(good)
+
+        result = queue.result(unknown)
+        assert (result.ok, result.status_code) == (False, 404)
+        assert "starry_night" in result.error and "tiny_style" in result.error
+        result = queue.result(wrong_op)
+        assert (result.status_code, result.ok) == (422, False) and "upscale" in result.error
+        result = queue.result(malformed_id)
+        assert result.status_code == 422 and "pixel buffer" in result.error
+        assert queue.result(good.job_id).ok
+
+        dead = queue.redis.xrange(queue.keys.dead_letter)
+        assert [(f[b"job_id"].decode(), f[b"dead_status"]) for _, f in dead[:1]] == [
+            (malformed_id, b"422")
+        ]
+        assert dead[1][1][b"dead_source_id"] == no_id
+        assert queue.redis.get(queue.keys.status(malformed_id)) == b"failed"
+        assert_drained(queue)
+        assert worker.process.poll() is None
+
+
+def test_two_workers_share_one_stream(redis_server: str, tiny_zoo: Path, tmp_path: Path) -> None:
+    queue = Queue(redis_server, "t3")
+    options = {"MAX_BATCH": 2, "MAX_WAIT_MS": 50}
+    with (
+        run_worker(redis_server, tiny_zoo, "t3", tmp_path, **options) as first,
+        run_worker(redis_server, tiny_zoo, "t3", tmp_path, **options) as second,
+    ):
+        jobs = [make_job(image(48, 48, seed=i)) for i in range(16)]
+        for job in jobs:
+            queue.submit(job)
+        for job in jobs:
+            assert queue.result(job.job_id).ok
+        counts = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # heartbeats publish the counts periodically
+            beats = {w.worker_id: queue.heartbeat(w.worker_id) for w in (first, second)}
+            counts = {k: beat["jobs_done"] for k, beat in beats.items() if beat}
+            if sum(counts.values()) == len(jobs):
+                break
+            time.sleep(0.1)
+        assert sum(counts.values()) == len(jobs)
+        assert min(counts.values()) > 0, counts
+        assert_drained(queue)
+
+
+def test_job_of_a_killed_worker_is_completed_by_another(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t4")
+    pixels = image(36, 44, seed=7)
+    job = make_job(pixels)
+    # The victim waits 60 s for batch-mates after its first job: killed inside that window, it
+    # holds the job delivered but neither computed nor acknowledged.
+    with run_worker(redis_server, tiny_zoo, "t4", tmp_path, MAX_WAIT_MS=60_000) as victim:
+        queue.submit(job)
+        queue.wait_pending_on(victim.worker_id)
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
+    assert queue.redis.exists(queue.keys.result(job.job_id)) == 0
+    with run_worker(redis_server, tiny_zoo, "t4", tmp_path, CLAIM_IDLE_MS=1000) as rescuer:
+        result = queue.result(job.job_id)
+        assert result.ok
+        decoded = np.asarray(Image.open(io.BytesIO(result.image)))
+        assert np.abs(decoded.astype(int) - reference(tiny_zoo, "tiny_style", pixels)).max() <= 1
+        assert "reclaimed 1 job" in rescuer.output() and "(delivery 2)" in rescuer.output()
+        assert_drained(queue)
+
+
+def test_job_that_keeps_killing_workers_is_dead_lettered_with_503(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t5")
+    queue.redis.xgroup_create(queue.keys.stream, CONSUMER_GROUP, id="0", mkstream=True)
+    job = make_job(image(16, 16))
+    entry = queue.redis.xadd(queue.keys.stream, job.to_fields())  # type: ignore[arg-type]
+    # Three workers took it and died: one read plus two takeovers, each a delivery.
+    queue.redis.xreadgroup(CONSUMER_GROUP, "ghost-1", {queue.keys.stream: ">"}, count=1)
+    for ghost in ("ghost-2", "ghost-3"):
+        queue.redis.xclaim(queue.keys.stream, CONSUMER_GROUP, ghost, 0, [entry])
+    assert queue.pending()[0]["times_delivered"] == 3
+    with run_worker(redis_server, tiny_zoo, "t5", tmp_path, CLAIM_IDLE_MS=400, MAX_DELIVERIES=3):
+        result = queue.result(job.job_id)
+        assert (result.ok, result.status_code) == (False, 503)
+        assert "died 3 times" in result.error
+        dead = queue.redis.xrange(queue.keys.dead_letter)
+        assert len(dead) == 1 and dead[0][1][b"job_id"].decode() == job.job_id
+        assert dead[0][1][b"dead_deliveries"] == b"4"
+        assert_drained(queue)
+
+
+def test_expired_and_cancelled_jobs_are_not_computed(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t6")
+    expired = make_job(image(32, 32), deadline=time.time() - 1)
+    cancelled = make_job(image(32, 32))
+    queue.redis.set(queue.keys.cancel(cancelled.job_id), 1)
+    live = make_job(image(32, 32), deadline=time.time() + 600)
+    for job in (expired, cancelled, live):
+        queue.submit(job)
+    with run_worker(redis_server, tiny_zoo, "t6", tmp_path) as worker:
+        result = queue.result(expired.job_id)
+        assert (result.ok, result.status_code, result.image) == (False, 504, b"")
+        assert "compute" not in result.timings
+        assert queue.result(live.job_id).ok
+        assert queue.redis.exists(queue.keys.result(cancelled.job_id)) == 0
+        assert_drained(queue)
+        time.sleep(0.5)  # one more heartbeat
+        assert queue.heartbeat(worker.worker_id)["jobs_done"] == 1  # type: ignore[index]
+        assert "cancelled by its caller" in worker.output()
+
+
+def test_sigterm_finishes_the_batch_in_flight_then_exits_zero(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    queue = Queue(redis_server, "t7")
+    with run_worker(redis_server, tiny_zoo, "t7", tmp_path, MAX_WAIT_MS=60_000) as worker:
+        first = make_job(image(40, 40, seed=1))
+        queue.submit(first)
+        queue.wait_pending_on(worker.worker_id)  # read, still collecting its batch
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=30) == 0
+        result = queue.result(first.job_id, timeout=1)
+        assert result.ok
+        assert queue.heartbeat(worker.worker_id) is None
+        later = make_job(image(40, 40, seed=2))
+        queue.submit(later)
+        time.sleep(0.3)
+        assert queue.redis.xlen(queue.keys.stream) == 1  # nobody took it: the worker is gone
+        assert queue.pending() == []
+
+
+def test_a_live_workers_jobs_are_not_taken_over(
+    redis_server: str, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """A job in flight longer than CLAIM_IDLE_MS stays with its (alive) worker: the heartbeat
+    refreshes it, so a second worker does not compute it again."""
+    queue = Queue(redis_server, "t8")
+    job = make_job(image(24, 24))
+    options = {"CLAIM_IDLE_MS": 500, "HEARTBEAT_INTERVAL_S": 0.1}
+    with run_worker(redis_server, tiny_zoo, "t8", tmp_path, MAX_WAIT_MS=60_000, **options) as busy:
+        queue.submit(job)
+        queue.wait_pending_on(busy.worker_id)
+        with run_worker(redis_server, tiny_zoo, "t8", tmp_path, **options) as other:
+            time.sleep(1.5)  # three claim timeouts
+            (pending,) = queue.pending()
+            assert pending["consumer"].decode() == busy.worker_id
+            assert pending["times_delivered"] == 1
+            busy.process.send_signal(signal.SIGTERM)  # ends the batch window: compute, store
+            assert busy.process.wait(timeout=30) == 0
+            assert queue.result(job.job_id, timeout=1).ok
+            assert "reclaimed" not in other.output()
+            assert queue.heartbeat(other.worker_id)["jobs_done"] == 0  # type: ignore[index]

@@ -1,0 +1,422 @@
+"""The inference engine: zoo models loaded once, and batches of images through them.
+
+Each model is loaded through ``model_zoo.registry.load_model`` (sha256-verified), rewritten for
+ragged batches (``worker.ragged``), put in channels_last and warmed up with a self-check: two
+images of different sizes run as one padded batch must match each run alone. A model that
+fails the check (an architecture ``worker.ragged`` does not know) is still served, batching
+equal sizes only and without tiling.
+
+``Engine.run`` takes any list of (model, HxWx3|4 uint8) requests and turns each into work units:
+the whole image, or - above ``TILE_SIZE`` - overlapping tiles plus, for InstanceNorm nets, one
+statistics pass whose statistics every tile then uses (``worker.tiling``). Units of one model
+are packed into forward passes by ``worker.batching.pack``; because a padded pass is exact, a
+request's pixels do not depend on what else was in the batch.
+
+Precision: ``inference_mode`` always; autocast to bf16 on CPUs with native bf16 and to fp16 on
+CUDA (``PRECISION=auto``). InstanceNorm statistics stay float32 (``worker.ragged``).
+Alpha: the RGB part goes through the net; for style the alpha channel is re-attached as it
+was, for SR it is resized with Pillow's bicubic filter to the output size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from model_zoo.imaging import tensor_to_uint8
+from model_zoo.manifest import ModelEntry
+from model_zoo.registry import list_models, load_model
+from worker.batching import pack
+from worker.ragged import (
+    RaggedBatch,
+    RaggedNet,
+    RaggedUnsupportedError,
+    Stats,
+    make_ragged,
+    pad_to_stride,
+)
+from worker.tiling import Tile, TileAccumulator, TilePlan, auto_overlap, plan_tiles
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``auto``: fp16 on CUDA; bf16 on a CPU with native bf16 (else bf16 is emulated and slower
+    than fp32, so fp32)."""
+    if precision != "auto":
+        return precision  # type: ignore[return-value]
+    if device.type == "cuda":
+        return "fp16"
+    has_bf16 = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return "bf16" if has_bf16 else "fp32"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    entry: ModelEntry
+    net: nn.Module
+    ragged: RaggedNet | None
+    """None when the net could not be rewritten: equal-size batches only, no tiling."""
+    stride: int
+    factor: int
+    radius: int
+    exact_padding: bool
+    """The warm-up self-check passed: mixed sizes may share a padded forward pass."""
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.ragged is not None and self.ragged.num_norms > 0
+
+
+@dataclass
+class EngineOutput:
+    pixels: np.ndarray
+    """H x W x 3|4 uint8 (alpha kept when the request had it)."""
+    batch_size: int
+    """Most requests that shared one forward pass with this one (1 = ran alone)."""
+
+
+@dataclass
+class _Request:
+    index: int
+    model: LoadedModel
+    height: int
+    width: int
+    padded: torch.Tensor
+    """1 x 3 x H' x W' on the device, padded to the model's stride."""
+    alpha: np.ndarray | None
+    plan: TilePlan | None
+    stats: Stats | None = None
+    output: torch.Tensor | None = None
+    accumulator: TileAccumulator | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class _Unit:
+    request: _Request
+    tensor: torch.Tensor
+    frozen: Stats | None
+    done: Callable[[torch.Tensor, Stats | None], None]
+    wants_stats: bool = False
+    shape: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.tensor.shape[-2]), int(self.tensor.shape[-1]))
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        zoo_dir: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        max_batch: int = 8,
+        max_batch_pixels: int = 4 * 1024 * 1024,
+        max_pad_fraction: float = 0.25,
+        tile_size: int = 1024,
+        tile_overlap: int | Literal["auto"] = "auto",
+        tile_stats_size: int = 1024,
+    ) -> None:
+        self.zoo_dir = Path(zoo_dir) if zoo_dir is not None else None
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.max_batch = max_batch
+        self.max_batch_pixels = max_batch_pixels
+        self.max_pad_fraction = max_pad_fraction
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.tile_stats_size = tile_stats_size
+        self.models: dict[str, LoadedModel] = {}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    # ----------------------------------------------------------------------------- models
+
+    def available(self) -> list[str]:
+        return [entry.name for entry in list_models(self.zoo_dir)]
+
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model, loading it on first use; raises ``ModelNotFoundError``."""
+        if name not in self.models:
+            self.models[name] = self._load(name)
+        return self.models[name]
+
+    def load(self, names: list[str] | None = None) -> list[str]:
+        """Load and warm up ``names`` (default: every model in the manifest)."""
+        names = names if names else self.available()
+        for name in names:
+            self.model(name)
+        return names
+
+    def _load(self, name: str) -> LoadedModel:
+        started = time.perf_counter()
+        net, entry = load_model(name, root=self.zoo_dir, device=self.device)
+        net.requires_grad_(False)
+        try:
+            ragged: RaggedNet | None = make_ragged(net)
+        except RaggedUnsupportedError as exc:
+            log.warning("model %s: no padded batching or tiling (%s)", name, exc)
+            ragged = None
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        stride = ragged.stride if ragged else 1
+        radius = ragged.receptive_radius(self.device) if ragged else 0
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, 4 * stride, 4 * stride, device=self.device)
+            factor = int(net(probe).shape[-1]) // (4 * stride)
+        model = LoadedModel(name, entry, net, ragged, stride, factor, radius, False)
+        model.exact_padding = ragged is not None and self._self_check(model)
+        log.info(
+            "loaded %s (%s, x%d, stride %d, radius %d px, padded batching %s) on %s/%s in %.2fs",
+            name,
+            entry.kind,
+            factor,
+            stride,
+            radius,
+            "on" if model.exact_padding else "off",
+            self.device,
+            self.precision,
+            time.perf_counter() - started,
+        )
+        return model
+
+    def _self_check(self, model: LoadedModel) -> bool:
+        """Warm-up that proves a padded batch equals each image alone for this net."""
+        generator = torch.Generator().manual_seed(0)
+        s = model.stride
+        sizes = [(12 * s + 1, 9 * s + 3), (7 * s + 2, 11 * s)]
+        images = [torch.rand(1, 3, h, w, generator=generator).to(self.device) for h, w in sizes]
+        padded = [pad_to_stride(x, s) for x in images]
+        alone = [self._forward(model, [p], [None])[0][0] for p in padded]
+        together, _ = self._forward(model, padded, [None, None])
+        worst = max(
+            (a.float() - t.float()).abs().max().item() for a, t in zip(alone, together, strict=True)
+        )
+        if worst > 0.5 / 255:
+            log.warning(
+                "model %s: padded batch differs by %.4f; batching equal sizes only",
+                model.name,
+                worst,
+            )
+            return False
+        return True
+
+    # ------------------------------------------------------------------------- forward
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _forward(
+        self,
+        model: LoadedModel,
+        tensors: list[torch.Tensor],
+        frozen: list[Stats | None],
+        want_stats: bool = False,
+    ) -> tuple[list[torch.Tensor], list[Stats] | None]:
+        """One forward pass over ``tensors`` (1 x 3 x h x w each, stride-padded) placed on one
+        canvas. Returns each output cropped to its own size (float32, on the device) and, for
+        InstanceNorm nets, the statistics each was normalised with."""
+        sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+        canvas_h, canvas_w = max(heights), max(widths)
+        if all(h == canvas_h for h in heights) and all(w == canvas_w for w in widths):
+            canvas = torch.cat(tensors)
+        else:
+            canvas = tensors[0].new_zeros(len(tensors), 3, canvas_h, canvas_w)
+            for i, t in enumerate(tensors):
+                canvas[i, :, : heights[i], : widths[i]] = t[0]
+        canvas = canvas.contiguous(memory_format=torch.channels_last)
+        f = model.factor
+        with torch.inference_mode(), self._autocast():
+            if model.ragged is None:
+                out = model.net(canvas)
+                stats = None
+            else:
+                batch = RaggedBatch((canvas_h, canvas_w), sizes, frozen, record=want_stats)
+                with model.ragged.ragged(batch):
+                    out = model.net(canvas)
+                stats = model.ragged.split_stats(batch) if want_stats else None
+        out = out.float()
+        return [out[i, :, : h * f, : w * f] for i, (h, w) in enumerate(sizes)], stats
+
+    def _run_units(self, model: LoadedModel, units: list[_Unit]) -> None:
+        if not units:
+            return
+        groups = pack(
+            [u.shape for u in units],
+            max_units=self.max_batch,
+            max_pixels=self.max_batch_pixels,
+            max_pad_fraction=self.max_pad_fraction if model.exact_padding else 0.0,
+            scale=model.factor,
+        )
+        for group in groups:
+            members = [units[i] for i in group.members]
+            outputs, stats = self._forward(
+                model,
+                [u.tensor for u in members],
+                [u.frozen for u in members],
+                want_stats=model.needs_stats and any(u.wants_stats for u in members),
+            )
+            sharing = len({id(u.request) for u in members})
+            for k, unit in enumerate(members):
+                unit.request.batch_size = max(unit.request.batch_size, sharing)
+                unit.done(outputs[k], stats[k] if stats is not None and unit.wants_stats else None)
+
+    # ----------------------------------------------------------------------------- run
+
+    def _tile_plan(self, model: LoadedModel, height: int, width: int) -> TilePlan | None:
+        tile_in = self.tile_size // model.factor
+        if model.ragged is None or (height <= tile_in and width <= tile_in):
+            return None
+        if self.tile_overlap == "auto":
+            overlap_in = auto_overlap(model.radius, model.stride)
+        else:
+            overlap_in = -(-self.tile_overlap // model.factor)
+        # A tile must advance by at least its overlap, or most of every pass is spent on
+        # context; so a TILE_SIZE too small for the model's overlap is raised.
+        tile_in = max(tile_in, 2 * overlap_in)
+        if height <= tile_in and width <= tile_in:
+            return None
+        plan = plan_tiles(
+            height,
+            width,
+            tile=tile_in,
+            overlap=overlap_in,
+            radius=model.radius,
+            stride=model.stride,
+        )
+        return plan if plan.is_tiled else None
+
+    def _stats_input(self, request: _Request) -> torch.Tensor:
+        """The image whose InstanceNorm statistics a tiled request borrows: itself when small
+        enough, else an antialiased downscale (bounded memory, approximate statistics)."""
+        image = request.padded
+        longest = max(request.height, request.width)
+        if longest <= self.tile_stats_size:
+            return image
+        scale = self.tile_stats_size / longest
+        size = (max(1, round(request.height * scale)), max(1, round(request.width * scale)))
+        original = image[..., : request.height, : request.width]
+        small = F.interpolate(original, size=size, mode="bilinear", antialias=True)
+        return pad_to_stride(small, request.model.stride)
+
+    def run(self, requests: list[tuple[str, np.ndarray]]) -> list[EngineOutput]:
+        """Compute every request (model name, H x W x 3|4 uint8). Raises on any failure (model
+        unknown, image too small for the net, out of memory): the caller retries one by one."""
+        states: list[_Request] = []
+        for index, (name, pixels) in enumerate(requests):
+            model = self.model(name)
+            if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+                raise ValueError(f"expected H x W x 3|4 uint8 pixels, got {pixels.shape}")
+            height, width = int(pixels.shape[0]), int(pixels.shape[1])
+            # Job pixels are a read-only view of the Redis reply; torch wants writable memory.
+            rgb = torch.from_numpy(np.require(pixels[..., :3], requirements=["C", "W"]))
+            rgb = rgb.to(self.device)
+            tensor = rgb.permute(2, 0, 1)[None].float().div_(255.0)
+            padded = pad_to_stride(tensor, model.stride)
+            alpha = pixels[..., 3] if pixels.shape[2] == 4 else None
+            plan = self._tile_plan(model, int(padded.shape[-2]), int(padded.shape[-1]))
+            states.append(_Request(index, model, height, width, padded, alpha, plan))
+
+        by_model: dict[str, list[_Request]] = {}
+        for state in states:
+            by_model.setdefault(state.model.name, []).append(state)
+        for name, group in by_model.items():
+            self._run_model(self.models[name], group)
+        return [self._finish(state) for state in states]
+
+    def _run_model(self, model: LoadedModel, requests: list[_Request]) -> None:
+        # Pass 1: whole images, plus the statistics pass of tiled InstanceNorm images.
+        first: list[_Unit] = []
+        for request in requests:
+            if request.plan is None:
+                first.append(_Unit(request, request.padded, None, _store_output(request)))
+            elif model.needs_stats:
+                first.append(
+                    _Unit(request, self._stats_input(request), None, _store_stats(request), True)
+                )
+        self._run_units(model, first)
+        # Pass 2: tiles, normalised with their image's statistics.
+        second: list[_Unit] = []
+        for request in requests:
+            if request.plan is None:
+                continue
+            request.accumulator = TileAccumulator(request.plan, model.factor)
+            for tile in request.plan.tiles:
+                view = request.padded[..., tile.top : tile.bottom, tile.left : tile.right]
+                second.append(_Unit(request, view, request.stats, _accumulate(request, tile)))
+        self._run_units(model, second)
+
+    def _finish(self, request: _Request) -> EngineOutput:
+        f = request.model.factor
+        if request.accumulator is not None:
+            image = request.accumulator.image
+        else:
+            assert request.output is not None
+            image = request.output
+        rgb = tensor_to_uint8(image[:, : request.height * f, : request.width * f])[0]
+        if request.alpha is None:
+            return EngineOutput(rgb, request.batch_size)
+        alpha = request.alpha
+        if f != 1:
+            resized = Image.fromarray(alpha, "L").resize(
+                (request.width * f, request.height * f), Image.Resampling.BICUBIC
+            )
+            alpha = np.asarray(resized)
+        return EngineOutput(np.dstack([rgb, alpha]), request.batch_size)
+
+
+def _store_output(request: _Request) -> Callable[[torch.Tensor, Stats | None], None]:
+    def done(output: torch.Tensor, _stats: Stats | None) -> None:
+        request.output = output.cpu()
+
+    return done
+
+
+def _store_stats(request: _Request) -> Callable[[torch.Tensor, Stats | None], None]:
+    def done(_output: torch.Tensor, stats: Stats | None) -> None:
+        request.stats = stats
+
+    return done
+
+
+def _accumulate(request: _Request, tile: Tile) -> Callable[[torch.Tensor, Stats | None], None]:
+    def done(output: torch.Tensor, _stats: Stats | None) -> None:
+        assert request.accumulator is not None
+        request.accumulator.add(tile, output)
+
+    return done

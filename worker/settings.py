@@ -1,0 +1,117 @@
+"""Worker settings, read from the environment (or a ``.env`` file); names have no prefix.
+
+==========================  =================  ============================================
+Variable                    Default            Meaning
+==========================  =================  ============================================
+``REDIS_URL``               redis://localhost  Redis holding the job stream and results.
+                            :6379/0
+``QUEUE_PREFIX``            imgsvc             Key prefix; must match the API's.
+``MODEL_ZOO_DIR``           (package folder)   Zoo folder with ``manifest.json`` + weights.
+``WORKER_MODELS``           (all)              Comma list of models to load and warm up at
+                                               start; other zoo models load on first use.
+``MAX_BATCH``               8                  Most jobs taken per batch; also the most
+                                               images / tiles in one forward pass.
+``MAX_WAIT_MS``             10                 How long to wait for more jobs after the
+                                               first before computing.
+``MAX_BATCH_PIXELS``        4194304            Most output pixels in one forward pass (the
+                                               memory bound; a single tile may exceed it).
+``MAX_PAD_FRACTION``        0.25               Most filler allowed when images of different
+                                               sizes share a padded forward pass.
+``DEVICE``                  auto               auto (CUDA if present, else CPU) | cpu | cuda.
+``PRECISION``               auto               auto | fp32 | bf16 | fp16. auto = bf16 on CPUs
+                                               with native bf16 (else fp32), fp16 on CUDA.
+``TORCH_THREADS``           0                  CPU threads for torch; 0 = torch's default.
+``TILE_SIZE``               1024               Largest tile side, in output pixels; larger
+                                               images are tiled.
+``TILE_OVERLAP``            auto               Overlap of neighbouring tiles in output
+                                               pixels; auto = 2 x receptive radius + 8
+                                               (exact).
+``TILE_STATS_SIZE``         1024               InstanceNorm statistics of a tiled image come
+                                               from a copy downscaled to at most this side
+                                               (input pixels; exact when not downscaled).
+``PNG_COMPRESS_LEVEL``      1                  zlib level 0-9 for PNG results.
+``JPEG_QUALITY``            90                 Quality of JPEG results.
+``WEBP_QUALITY``            90                 Quality of WebP results.
+``CLAIM_IDLE_MS``           30000              A job pending this long on a consumer that
+                                               stopped refreshing it is taken over.
+``MAX_DELIVERIES``          3                  Deliveries after which a job is dead-lettered
+                                               (its caller gets a 503).
+``HEARTBEAT_INTERVAL_S``    2.0                Heartbeat period; the key lives 3 periods.
+``RESULT_TTL_S``            600                Lifetime of result, done and status keys.
+``WORKER_ID``               host-pid           Consumer name and heartbeat key suffix.
+``LOG_LEVEL``               INFO               Python logging level.
+==========================  =================  ============================================
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    redis_url: str = "redis://localhost:6379/0"
+    queue_prefix: str = Field("imgsvc", min_length=1)
+    model_zoo_dir: Path | None = None
+    worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: int = Field(10, ge=0, le=60_000)
+    max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1)
+    max_pad_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    torch_threads: int = Field(0, ge=0)
+    tile_size: int = Field(1024, ge=32)
+    tile_overlap: int | Literal["auto"] = "auto"
+    tile_stats_size: int = Field(1024, ge=32)
+    png_compress_level: int = Field(1, ge=0, le=9)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    webp_quality: int = Field(90, ge=1, le=100)
+    claim_idle_ms: int = Field(30_000, ge=10)
+    max_deliveries: int = Field(3, ge=1)
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    result_ttl_s: int = Field(600, ge=1)
+    worker_id: str = Field(default_factory=_default_worker_id, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    log_level: str = "INFO"
+
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("tile_overlap", mode="before")
+    @classmethod
+    def _overlap(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() != "auto":
+            return int(value)
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _claim_after_heartbeat(self) -> WorkerSettings:
+        # A live worker refreshes its in-flight jobs every heartbeat; a claim timeout shorter
+        # than two heartbeats would let other workers steal jobs that are still being computed.
+        if self.claim_idle_ms < 2000 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"CLAIM_IDLE_MS ({self.claim_idle_ms}) must be at least 2 x "
+                f"HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s} s)"
+            )
+        if isinstance(self.tile_overlap, int) and self.tile_overlap < 0:
+            raise ValueError("TILE_OVERLAP must be >= 0 or 'auto'")
+        return self
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        return int(self.heartbeat_interval_s * 3000)
