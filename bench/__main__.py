@@ -1,7 +1,7 @@
-"""``python -m bench <load|forward|batching|encode|all>``: the project's benchmarks.
+"""``python -m bench <load|forward|encode|batching|e2e|worker|all>``: the project's benchmarks.
 
 Each subcommand lives in its own module and imports torch (or starts servers) only when run, so
-``python -m bench load --help`` works on a machine with just httpx.
+the load generator works on a machine without torch (httpx, numpy, Pillow, matplotlib).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ A part that fails is reported as failed and the rest still run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import time
 import traceback
@@ -16,7 +17,7 @@ from typing import Any
 
 from bench.report import fmt, machine_info, write_json, write_markdown
 
-PARTS = ("forward", "encode", "load", "batching", "e2e")
+PARTS = ("forward", "encode", "load", "backpressure", "batching", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,12 @@ def part_argv(part: str, quick: bool, tiny: bool, zoo: str | None, out: str) -> 
         n = "8" if tiny else ("16" if quick else "48")
         return ["load", "--spawn", *tiny_args, *zoo_args, "--sizes", sizes, "--concurrency", conc,
                 "--requests", n, "--warmup", "1", *common]  # fmt: skip
+    if part == "backpressure":
+        # 16 callers against a queue limit of 4: the API must shed load with 503 + Retry-After
+        size = "32" if tiny else "256"
+        return ["load", "--spawn", *tiny_args, *zoo_args, "--sizes", size, "--concurrency", "16",
+                "--requests", "48", "--warmup", "0", "--api-env", "MAX_QUEUE_DEPTH=4",
+                "--name", "backpressure", *common]  # fmt: skip
     if part == "batching":
         size = ["--size", "64", "--mixed-sizes", "48,64,80x56"] if tiny else []
         return ["batching", *q, *tiny_args, *zoo_args, *size, *common]
@@ -78,6 +85,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     load = results.get("load") or {}
     errors = sum(lvl["requests"] - lvl["ok"] for lvl in load.get("levels", [])) if load else None
     out.append(_t("load sweep errors (below backpressure limit)", errors, "<=", 0, ""))
+    bp = results.get("backpressure") or {}
+    if bp:
+        codes: dict[str, int] = {}
+        for lvl in bp.get("levels", []):
+            for code, count in lvl["errors"].items():
+                codes[code] = codes.get(code, 0) + count
+        other = sum(n for code, n in codes.items() if code != "503")
+        out.append(_t("past the queue limit: 503 answers", codes.get("503", 0), ">=", 1, ""))
+        out.append(_t("past the queue limit: timeouts or other errors", other, "<=", 0, ""))
     return out
 
 
@@ -89,7 +105,7 @@ def _t(name: str, value: Any, op: str, goal: float, unit: str) -> dict[str, Any]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.__main__ import build_parser
+    from bench.__main__ import SUBCOMMANDS, build_parser
 
     out = Path(args.out)
     parser = build_parser()
@@ -104,7 +120,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             sub = parser.parse_args(argv)
-            module = __import__(f"bench.{_module(part)}", fromlist=["main"])
+            module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
             results[part] = module.main(sub)
             status = "ok"
         except Exception as exc:  # one broken part must not hide the others' numbers
@@ -129,7 +145,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                   "targets": checks})  # fmt: skip
     print(body)
     return {"runs": runs, "targets": checks}
-
-
-def _module(part: str) -> str:
-    return {"worker": "workeronly"}.get(part, part)

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         default="auto",
         help="comma-separated: fp32 (reference), worker, bf16, bf16_cl, fp16, fp16_cl, "
-        "fp32_compile, fp16_compile. auto = fp32,worker,bf16 on CPU; "
+        "fp32_compile, fp16_compile, bf16_compile. auto = fp32,worker,bf16 on CPU; "
         "fp32,fp16,fp32_compile,fp16_compile,worker on CUDA",
     )
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median kept)")
@@ -173,13 +173,28 @@ def build_nets(names: Sequence[str], zoo: str | None, tiny: bool) -> list[NetUnd
 # --- variants ---------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """Set only ``cudnn.benchmark`` (``cudnn.flags`` would also reset enabled/TF32)."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _plain(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch
 
     net = copy.deepcopy(net).to(device).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        # naive means PyTorch's defaults: no cuDNN autotuning, even though the worker's Engine
+        # (created in the same process) switches it on globally
+        with torch.no_grad(), _cudnn_benchmark(False):
             return net(x)
 
     return run
@@ -200,7 +215,11 @@ def _autocast(dtype_name: str, channels_last: bool, compile_: bool = False) -> C
         def run(x: torch.Tensor) -> torch.Tensor:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=dtype),
+                _cudnn_benchmark(True),
+            ):
                 return fn(x)
 
         return run
@@ -214,7 +233,7 @@ def _compiled_fp32(net: nn.Module, device: torch.device) -> Callable[[torch.Tens
     model = torch.compile(copy.deepcopy(net).to(device).eval())
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), _cudnn_benchmark(True):
             return model(x)
 
     return run
@@ -231,7 +250,7 @@ def variant_table(device: torch.device) -> dict[str, Variant]:
 
     fp32 = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
     return {
-        "fp32": Variant("fp32", fp32, _plain, "naive eager: no_grad, NCHW fp32"),
+        "fp32": Variant("fp32", fp32, _plain, "naive eager: no_grad, NCHW fp32, no cuDNN autotune"),
         "bf16": Variant("bf16", "bf16", _autocast("bfloat16", False), "autocast bf16"),
         "bf16_cl": Variant(
             "bf16_cl", "bf16", _autocast("bfloat16", True), "autocast bf16 + channels_last"
@@ -243,6 +262,9 @@ def variant_table(device: torch.device) -> dict[str, Variant]:
         "fp32_compile": Variant("fp32_compile", fp32, _compiled_fp32, "torch.compile fp32"),
         "fp16_compile": Variant(
             "fp16_compile", "fp16", _autocast("float16", True, True), "compile + fp16 + cl"
+        ),
+        "bf16_compile": Variant(
+            "bf16_compile", "bf16", _autocast("bfloat16", True, True), "compile + bf16 + cl"
         ),
         "worker": Variant(
             "worker",
@@ -273,27 +295,6 @@ def default_variants(device: torch.device) -> list[str]:
 # --- measurement ------------------------------------------------------------------------------
 
 
-def time_calls(
-    fn: Callable[[torch.Tensor], Any],
-    x: torch.Tensor,
-    *,
-    reps: int,
-    warmup: int,
-    device: torch.device,
-) -> list[float]:
-    """Seconds per call, ``reps`` times after ``warmup`` untimed calls (synchronising CUDA)."""
-    for _ in range(max(0, warmup)):
-        fn(x)
-    _sync(device)
-    times = []
-    for _ in range(max(1, reps)):
-        start = time.perf_counter()
-        fn(x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _as_tensor(y: Any) -> tuple[torch.Tensor, bool]:
     """A variant's output as B x 3 x H x W float on the CPU, and whether it was 8-bit."""
     if isinstance(y, list):
@@ -305,6 +306,43 @@ def _as_tensor(y: Any) -> tuple[torch.Tensor, bool]:
 
 def _quantize(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1).mul(255.0).round().div(255.0)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[torch.Tensor], Any]],
+    x: torch.Tensor,
+    *,
+    reps: int,
+    warmup: int,
+    device: torch.device,
+    skipped: list[str],
+    where: str,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Seconds per call of every variant, taken in turns (A B C, B C A, ...) rather than all of
+    A then all of B: on a shared machine the load drifts over seconds, and turns spread that
+    drift over all variants instead of biasing the ratios. Also each variant's output for one
+    image (for PSNR). A variant that raises is dropped and noted in ``skipped``."""
+    live = dict(fns)
+    times: dict[str, list[float]] = {name: [] for name in live}
+    outputs: dict[str, Any] = {}
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(max(0, warmup)):
+                fn(x)
+            outputs[name] = fn(x[:1])
+            _sync(device)
+        except Exception as exc:
+            skipped.append(f"{where}/{name}: {exc!r}"[:300])
+            del live[name], times[name]
+    order = list(live)
+    for rep in range(max(1, reps)):
+        turn = order[rep % len(order) :] + order[: rep % len(order)] if order else []
+        for name in turn:
+            start = time.perf_counter()
+            live[name](x)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
 
 
 def psnr(reference: torch.Tensor, other: torch.Tensor, peak: float = 1.0) -> float:
@@ -415,13 +453,15 @@ def run_forward(
             flops_per_image = conv_flops(nut.net, (1, 3, in_px, in_px))
             reference: torch.Tensor | None = None
             ref_ms = math.nan
-            for vname, fn in prepared.items():
-                try:
-                    times = time_calls(fn, x, reps=cfg.reps, warmup=cfg.warmup, device=device)
-                    y = fn(x[:1])
-                except Exception as exc:
-                    skipped.append(f"{nut.name}/{vname}/{out_px}px/b{batch}: {exc!r}"[:300])
+            where = f"{nut.name}/{out_px}px/b{batch}"
+            all_times, outputs = time_interleaved(
+                prepared, x, reps=cfg.reps, warmup=cfg.warmup, device=device,
+                skipped=skipped, where=where,
+            )  # fmt: skip
+            for vname in prepared:
+                if vname not in all_times:
                     continue
+                times, y = all_times[vname], outputs[vname]
                 ms_batch = statistics.median(times) * 1000.0
                 ms_image = ms_batch / batch
                 y_t, quantized = _as_tensor(y)

@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="with --spawn"
     )
+    parser.add_argument(
+        "--api-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --spawn: API settings, e.g. MAX_QUEUE_DEPTH=4 to load it past backpressure",
+    )
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -172,7 +179,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         model = args.style if args.endpoint == "stylize" else f"x{args.factor}"
         zoo, note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
         worker_env = {"WORKER_MODELS": model, **dict(kv.split("=", 1) for kv in args.worker_env)}
-        api_env = {"REQUEST_TIMEOUT_S": str(args.timeout)}
+        api_env = {
+            "REQUEST_TIMEOUT_S": str(args.timeout),
+            **dict(kv.split("=", 1) for kv in args.api_env),
+        }
         redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
         with Stack(zoo_dir=zoo, workdir=tmp, api_env=api_env, redis_config=redis_config) as stack:
             stack.start(worker_env=worker_env)

@@ -137,3 +137,36 @@ def test_merging_rounds_pools_samples_and_time() -> None:
     assert s["errors"] == {"503": 1}
     # the second round's start times continue after the first round's wall time
     assert first.samples[2].start_s == pytest.approx(2.0)
+
+
+def test_all_summary_checks_targets_from_results() -> None:
+    from bench.all import part_argv, targets
+
+    results = {
+        "forward": {
+            "rows": [
+                {"net": "style", "out_px": 256, "batch": 1, "variant": "worker",
+                 "speedup_vs_fp32": 3.2, "psnr_vs_fp32_db": 39.0},
+                {"net": "style", "out_px": 256, "batch": 1, "variant": "fp32",
+                 "speedup_vs_fp32": 1.0, "psnr_vs_fp32_db": math.inf},
+            ]
+        },
+        "e2e": {"e2e_p50_over_bare": 1.2},
+        "batching": {"targets": {"throughput_ratio": 1.4, "p99_ratio": 1.6}},
+        "load": {"levels": [{"requests": 8, "ok": 8}, {"requests": 8, "ok": 7}]},
+        "backpressure": {"levels": [{"errors": {"503": 5, "timeout": 1}}]},
+    }  # fmt: skip
+    met = {t["target"]: t["met"] for t in targets(results)}
+    assert met == {
+        "fast path vs naive fp32, style 256 px b1": True,
+        "fast path PSNR vs fp32, style 256 px": False,
+        "e2e p50 / (forward+encode), c=1, 512 px style": False,
+        "batching throughput, c=8 256 px same-size": True,
+        "batching p99, c=8 256 px same-size": False,
+        "load sweep errors (below backpressure limit)": False,
+        "past the queue limit: 503 answers": True,
+        "past the queue limit: timeouts or other errors": False,
+    }
+    assert all(t["met"] is None for t in targets({}) if "queue limit" not in t["target"])
+    argv = part_argv("backpressure", quick=True, tiny=False, zoo=None, out="/x")
+    assert argv[:2] == ["load", "--spawn"] and "MAX_QUEUE_DEPTH=4" in argv

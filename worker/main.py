@@ -164,6 +164,14 @@ class Worker:
                     log.exception("redis error")
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    # A bug, not bad input (that is answered in process()). Keep serving; the
+                    # batch's jobs become claimable again and, if they keep failing, end in
+                    # the dead-letter stream rather than taking the worker down.
+                    self._forget_in_flight()
+                    log.exception("unexpected error while processing a batch")
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
         finally:
             self.heartbeat_done.set()
             beat.join(timeout=5)
@@ -181,6 +189,8 @@ class Worker:
                 self._beat()
             except redis.RedisError as exc:
                 log.debug("heartbeat failed: %s", exc)
+            except Exception:  # the heartbeat must outlive any surprise
+                log.exception("heartbeat failed")
             if self.heartbeat_done.wait(interval):
                 return
 
@@ -193,7 +203,7 @@ class Worker:
                 "worker_id": self.worker_id,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "models": sorted(self.engine.models),
+                "models": sorted(list(self.engine.models)),
                 "device": str(self.engine.device),
                 "precision": self.engine.precision,
                 "started_at": self.started_at,
