@@ -176,18 +176,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     iteration: int,
     history: list[dict[str, float]],
+    phases: list[dict[str, Any]],
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"iteration": str(iteration)})
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"iteration": iteration, "history": history}))
+    meta = {"iteration": iteration, "phases": phases, "history": history}
+    path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 def load_checkpoint(
     path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, float]]]:
+) -> tuple[int, list[dict[str, float]], list[dict[str, Any]]]:
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -199,7 +201,7 @@ def load_checkpoint(
     saved["state"] = state
     optimizer.load_state_dict(saved)
     meta = json.loads(path.with_suffix(".json").read_text())
-    return int(meta["iteration"]), list(meta["history"])
+    return int(meta["iteration"]), list(meta["history"]), list(meta.get("phases", []))
 
 
 class StopRequested:
@@ -261,10 +263,19 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    start, history = 0, []
+    start, history, phases = 0, [], []
     if settings.extra.get("resume") and checkpoint.exists():
-        start, history = load_checkpoint(checkpoint, net, optimizer)
+        start, history, phases = load_checkpoint(checkpoint, net, optimizer)
         log.info("resumed %s at iteration %d", checkpoint, start)
+    # A resumed run may change weights or lr (a curriculum); each phase is recorded so the
+    # manifest tells exactly how the shipped weights were trained.
+    phase = {"from_iteration": start, "lr": settings.lr, "tv_weight": settings.tv_weight}
+    if settings.task == "style":
+        phase |= {"content_weight": settings.content_weight, "style_weight": settings.style_weight}
+    if not phases or {k: v for k, v in phases[-1].items() if k != "from_iteration"} != {
+        k: v for k, v in phase.items() if k != "from_iteration"
+    }:
+        phases.append(phase)
 
     dataset = ImageFolderCrops(settings.data, settings.image_size, seed=settings.seed + start)
     loader = DataLoader(
@@ -312,9 +323,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                     | {"img/s": f"{settings.batch_size / step_time:.2f}"}
                 )
             if iteration % settings.checkpoint_every == 0:
-                save_checkpoint(checkpoint, net, optimizer, iteration, history)
+                save_checkpoint(checkpoint, net, optimizer, iteration, history, phases)
     bar.close()
-    save_checkpoint(checkpoint, net, optimizer, iteration, history)
+    save_checkpoint(checkpoint, net, optimizer, iteration, history, phases)
     wall = time.perf_counter() - started
     if stop.requested:
         log.warning("stopped at iteration %d; checkpoint %s; exporting", iteration, checkpoint)
@@ -336,7 +347,12 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         factor=settings.factor if settings.task == "sr" else None,
         loss=settings.loss if settings.task == "sr" else "perceptual",
         training={k: v for k, v in asdict(settings).items() if k not in ("extra", "zoo")}
-        | {"precision": precision, "optimizer": "Adam", "interrupted": stop.requested},
+        | {
+            "precision": precision,
+            "optimizer": "Adam",
+            "interrupted": stop.requested,
+            "phases": phases,
+        },
         data={"root": str(settings.data), "images": n_images, "crop": settings.image_size},
         iterations=iteration,
         final_losses=final,

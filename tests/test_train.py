@@ -153,9 +153,14 @@ def test_resume_continues_from_checkpoint(photo_dir: Path, tmp_path: Path) -> No
     run([*common, "--iterations", "2"])
     history = json.loads((runs / "x4" / "checkpoint.json").read_text())
     assert history["iteration"] == 2
-    run([*common, "--iterations", "4", "--resume"])
+    run([*common, "--iterations", "4", "--resume", "--lr", "5e-4"])
     entry = read_manifest(zoo).get("x4")
     assert entry.iterations == 4
+    # The lr change on resume is recorded as a second training phase.
+    assert [(p["from_iteration"], p["lr"]) for p in entry.training["phases"]] == [
+        (0, 1e-3),
+        (2, 5e-4),
+    ]
     history = json.loads((runs / "x4" / "checkpoint.json").read_text())["history"]
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
 
