@@ -3,7 +3,9 @@
 #   1. forward pass, all nets, 256/512/1024 px output, batch 1/8/32: naive fp32 eager vs fp16
 #      autocast vs the worker's own path (worker.engine, PRECISION=auto = fp16 on CUDA), with
 #      achieved TFLOP/s against the card's peak and PSNR vs fp32;
-#   2. worker-only throughput through a private redis-server: MAX_BATCH=1 vs 32 at 512 px;
+#   2. worker-only throughput through a private redis-server: MAX_BATCH=1 vs 32 at 512 px
+#      (96 warm-up jobs per level: the Engine turns cudnn.benchmark on, so every new batch
+#      size is autotuned the first time it is seen);
 #   3. eager vs torch.compile (fp32 and fp16) for the style net (last: compiling is slow, and a
 #      timeout there must not cost the numbers above).
 # Before the session, HERE: bash bench/gpu_prepare.sh   (wheels + redis-server into .whl/ .gpu/)
@@ -45,10 +47,10 @@ for mod in ("pydantic", "pydantic_settings", "redis", "httpx", "safetensors", "P
 PYEOF
 
 if [ "${QUICK:-0}" = 1 ]; then
-    SIZES=64,128; BATCHES=1,2; REPS=2; WSIZE=64; WREQ=8; WBATCH=4; NETS_C=style
+    SIZES=64,128; BATCHES=1,2; REPS=2; WSIZE=64; WREQ=8; WBATCH=4; WWARM=4; NETS_C=style
     TINY=--tiny
 else
-    SIZES=256,512,1024; BATCHES=1,8,32; REPS=10; WSIZE=512; WREQ=256; WBATCH=32; NETS_C=style
+    SIZES=256,512,1024; BATCHES=1,8,32; REPS=10; WSIZE=512; WREQ=256; WBATCH=32; WWARM=96; NETS_C=style
     TINY=
 fi
 VARIANTS=fp32,fp16,worker
@@ -64,7 +66,7 @@ stamp "2/3 worker-only throughput"
 if command -v "${REDIS_SERVER_BIN:-redis-server}" >/dev/null; then
     DEVICE_ENV=DEVICE=$DEVICE
     timeout "${WORKER_TIMEOUT:-130}" "$PY" -m bench worker $TINY --sizes "$WSIZE" \
-        --concurrency "1,$WBATCH" --max-batch "1,$WBATCH" --requests "$WREQ" --warmup 4 \
+        --concurrency "1,$WBATCH" --max-batch "1,$WBATCH" --requests "$WREQ" --warmup "$WWARM" \
         --worker-env "$DEVICE_ENV" --worker-env MAX_BATCH_PIXELS=67108864 \
         --out "$OUT" --name worker \
         || stamp "worker bench failed or timed out (rc=$?)"

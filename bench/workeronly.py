@@ -33,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,8", help="callers, comma-separated")
     parser.add_argument("--requests", type=int, default=64, help="jobs per level and config")
     parser.add_argument("--duration", type=float, default=120.0, help="max seconds per level")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="unrecorded jobs per level (first calls of a new "
+        "shape are slow on CPU: oneDNN builds its kernels)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
         "--max-batch", default="1,8", help="MAX_BATCH of each worker configuration in turn"
@@ -112,8 +118,15 @@ async def drive(
             )  # fmt: skip
 
     try:
+        # warm up at the level's own concurrency, so the shapes warmed are the ones measured
         t_warm = time.perf_counter()
-        await asyncio.gather(*(one(images[i % len(images)], t_warm, False) for i in range(warmup)))
+        gate = asyncio.Semaphore(concurrency)
+
+        async def warm(i: int) -> None:
+            async with gate:
+                await one(images[i % len(images)], t_warm, False)
+
+        await asyncio.gather(*(warm(i) for i in range(warmup)))
         issued = 0
         t0 = time.perf_counter()
         deadline = t0 + duration_s
@@ -136,8 +149,8 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batches = [int(b) for b in args.max_batch.split(",") if b.strip()]
-    requests, warmup = (min(args.requests, 16), min(args.warmup, 1)) if args.quick else (
-        args.requests, args.warmup)  # fmt: skip
+    requests = min(args.requests, 16) if args.quick else args.requests
+    warmup = args.warmup
     sizes = parse_sizes(args.sizes)
     images = [synthetic_array(w, h, seed=20 + i) for i, (w, h) in enumerate(sizes)]
     model = args.style if args.op == "stylize" else f"x{args.factor}"

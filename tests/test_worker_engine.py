@@ -15,11 +15,11 @@ from model_zoo.apply import apply_to_image
 from model_zoo.config import StyleNetConfig
 from model_zoo.nets import build_net
 from model_zoo.registry import load_model, save_model
-from worker.batching import pack
+from worker.batching import collect, pack
 from worker.encoding import EncodeOptions, encode
-from worker.engine import Engine
+from worker.engine import Engine, resolve_batch_pixels
 from worker.ragged import pad_to_stride
-from worker.settings import WorkerSettings
+from worker.settings import CPU_AUTO_BATCH_PIXELS, CUDA_AUTO_BATCH_PIXELS, WorkerSettings
 from worker.tiling import TileAccumulator, plan_tiles
 
 
@@ -76,6 +76,13 @@ def test_batch_equivalence_holds_for_the_full_size_style_net(tiny_zoo: Path) -> 
     for request, out in zip(requests, together, strict=True):
         (alone,) = engine.run([request])
         assert max_diff(out.pixels, alone.pixels) <= 1
+    # A uniform batch (every sample full-size) must agree with each image alone as well.
+    uniform = [("full_style", image(40, 44, seed=seed)) for seed in range(3)]
+    together = engine.run(uniform)
+    assert [o.batch_size for o in together] == [3, 3, 3]
+    for request, out in zip(uniform, together, strict=True):
+        (alone,) = engine.run([request])
+        assert max_diff(out.pixels, alone.pixels) <= 1
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -83,7 +90,9 @@ def test_batch_equivalence_holds_for_the_full_size_style_net(tiny_zoo: Path) -> 
 def test_batch_gives_each_job_the_pixels_it_gets_alone(
     tiny_zoo: Path, name: str, precision: str
 ) -> None:
-    engine = Engine(zoo_dir=tiny_zoo, precision=precision, max_batch=8)
+    # Exactness is the point here, so a budget that lets the x4 outputs share passes (the CPU
+    # default of one 256² image per pass would split them).
+    engine = Engine(zoo_dir=tiny_zoo, precision=precision, max_batch=8, max_batch_pixels=1 << 22)
     requests = [(name, image(h, w, seed=i)) for i, (h, w) in enumerate(MIXED)]
     together = engine.run(requests)
     for (model, pixels), out in zip(requests, together, strict=True):
@@ -257,6 +266,52 @@ def test_pack_bounds_filler_units_and_pixels() -> None:
         [(64, 64)] * 4, max_units=8, max_pixels=2 * 64 * 64 * 16, max_pad_fraction=0, scale=4
     )
     assert [len(g.members) for g in small] == [2, 2]
+
+
+def test_collect_blocks_only_for_the_first_job_then_polls_the_window() -> None:
+    """A short blocking read would end on Redis' 100 ms timer tick, not after max_wait_ms: every
+    read after the first must be non-blocking (block None)."""
+    arrivals = [[0], [], [1, 2], []]
+    calls: list[tuple[int, int | None]] = []
+
+    def read(count: int, block_ms: int | None) -> list[int]:
+        calls.append((count, block_ms))
+        return arrivals.pop(0) if arrivals else []
+
+    assert collect(read, max_batch=8, max_wait_ms=200, block_ms=500) == [0, 1, 2]
+    assert calls[0] == (8, 500)
+    assert len(calls) >= 4 and all(block is None for _, block in calls[1:])
+    assert calls[3][0] == 5  # asks only for what still fits in the batch
+    # A full batch ends the window at once; nothing at all returns after the one blocking read.
+    arrivals[:], calls[:] = [[0], [1, 2]], []
+    assert collect(read, max_batch=3, max_wait_ms=60_000, block_ms=500) == [0, 1, 2]
+    assert calls == [(3, 500), (2, None)]
+    arrivals[:], calls[:] = [], []
+    assert collect(read, max_batch=3, max_wait_ms=10, block_ms=500) == []
+    assert calls == [(3, 500)]
+    arrivals[:], calls[:] = [[0]], []
+    assert collect(read, max_batch=3, max_wait_ms=60_000, block_ms=500, should_stop=lambda: True)
+    assert calls == [(3, 500)]
+
+
+def test_max_batch_pixels_auto_depends_on_the_device(
+    tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Engine(zoo_dir=tiny_zoo, device="cpu").max_batch_pixels == CPU_AUTO_BATCH_PIXELS
+    assert resolve_batch_pixels("auto", torch.device("cuda")) == CUDA_AUTO_BATCH_PIXELS
+    assert CPU_AUTO_BATCH_PIXELS < CUDA_AUTO_BATCH_PIXELS
+    assert Engine(zoo_dir=tiny_zoo, device="cpu", max_batch_pixels=5000).max_batch_pixels == 5000
+    # The budget really splits passes: two 64x64 images share one only if 2 x 64² fit.
+    pair = [("tiny_style", image(64, 64, seed=s)) for s in range(2)]
+    for budget, shared in [(64 * 64, 1), (2 * 64 * 64, 2)]:
+        engine = Engine(zoo_dir=tiny_zoo, precision="fp32", max_batch_pixels=budget)
+        assert [o.batch_size for o in engine.run(pair)] == [shared, shared]
+    assert WorkerSettings(_env_file=None).max_batch_pixels == "auto"
+    monkeypatch.setenv("MAX_BATCH_PIXELS", "131072")
+    assert WorkerSettings(_env_file=None).max_batch_pixels == 131072
+    monkeypatch.setenv("MAX_BATCH_PIXELS", "0")
+    with pytest.raises(ValueError, match="MAX_BATCH_PIXELS"):
+        WorkerSettings(_env_file=None)
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,9 @@
 """Dynamic batching: when to stop collecting jobs, and which work shares a forward pass.
 
-**Collecting** (``collect``): block for the first job, then keep reading until ``max_batch``
-jobs are in hand or ``max_wait_ms`` has passed since the first one arrived. An idle worker
-therefore answers a lone request after at most ``max_wait_ms``, a busy one fills batches.
+**Collecting** (``collect``): block for the first job, then poll without blocking until
+``max_batch`` jobs are in hand or ``max_wait_ms`` has passed since the first one arrived. An idle
+worker therefore answers a lone request after about ``max_wait_ms``, a busy one fills batches.
+(Not a short blocking read: Redis ends those on its 100 ms timer tick, see ``collect``.)
 
 **Packing** (``pack``): the engine turns each job into work units - the whole image, or its
 tiles plus (for InstanceNorm nets) one statistics pass - and ``pack`` groups the units of one
@@ -26,7 +27,7 @@ T = TypeVar("T")
 
 
 def collect(
-    read: Callable[[int, int], list[T]],
+    read: Callable[[int, int | None], list[T]],
     *,
     max_batch: int,
     max_wait_ms: int,
@@ -34,18 +35,33 @@ def collect(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[T]:
     """Gather up to ``max_batch`` items. ``read(count, block_ms)`` returns at most ``count``
-    items, waiting up to ``block_ms`` (>= 1) for the first. Returns [] if nothing came within
-    ``block_ms``. Stops early (keeping what it has) when ``should_stop()`` turns true."""
+    items; ``block_ms`` >= 1 waits that long for the first, ``None`` returns at once.
+
+    Only the first read blocks (up to ``block_ms``; [] if nothing came). The rest of the
+    ``max_wait_ms`` window is polled with non-blocking reads every ``poll_interval_ms``: Redis
+    checks blocked-client timeouts on its timer tick (every 100 ms at the default ``hz 10``),
+    so a short ``BLOCK`` would hold the batch for ~100 ms instead of ``max_wait_ms``. Stops
+    early (keeping what it has) when the batch is full or ``should_stop()`` turns true."""
     items = read(max_batch, max(1, block_ms))
     if not items:
         return []
     deadline = time.monotonic() + max_wait_ms / 1000
+    interval = poll_interval_ms(max_wait_ms) / 1000
     while len(items) < max_batch and not should_stop():
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             break
-        items.extend(read(max_batch - len(items), min(remaining_ms, block_ms)))
+        time.sleep(min(interval, remaining))
+        items.extend(read(max_batch - len(items), None))
     return items
+
+
+def poll_interval_ms(max_wait_ms: int) -> float:
+    """A tenth of the window, clamped to 1-20 ms. A batch that fills up is noticed within one
+    interval (the last sleep is cut to the deadline, so the window itself ends on time); a
+    non-blocking XREADGROUP costs tens of microseconds, and the 20 ms cap keeps a long window
+    (tests hold jobs for a minute) at 50 reads a second rather than thousands."""
+    return min(max(max_wait_ms / 10, 1.0), 20.0)
 
 
 @dataclass

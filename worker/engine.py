@@ -10,7 +10,9 @@ equal sizes only and without tiling.
 the whole image, or - above ``TILE_SIZE`` - overlapping tiles plus, for InstanceNorm nets, one
 statistics pass whose statistics every tile then uses (``worker.tiling``). Units of one model
 are packed into forward passes by ``worker.batching.pack``; because a padded pass is exact, a
-request's pixels do not depend on what else was in the batch.
+request's pixels do not depend on what else was in the batch. A pass holds at most
+``MAX_BATCH_PIXELS`` output pixels: by default a memory bound on CUDA, but one 256² image on
+CPU, where bigger passes make each image slower (``worker.settings`` has the measurements).
 
 Precision: ``inference_mode`` always; autocast to bf16 on CPUs with native bf16 and to fp16 on
 CUDA (``PRECISION=auto``). InstanceNorm statistics stay float32 (``worker.ragged``).
@@ -47,6 +49,7 @@ from worker.ragged import (
     make_ragged,
     pad_to_stride,
 )
+from worker.settings import CPU_AUTO_BATCH_PIXELS, CUDA_AUTO_BATCH_PIXELS
 from worker.tiling import Tile, TileAccumulator, TilePlan, auto_overlap, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,14 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     )
     return "bf16" if has_bf16 else "fp32"
+
+
+def resolve_batch_pixels(value: int | Literal["auto"], device: torch.device) -> int:
+    """``auto``: a memory bound on CUDA, one 256² image per pass on CPU, where a bigger pass
+    makes every image in it slower (measurements in ``worker.settings``)."""
+    if value != "auto":
+        return int(value)
+    return CUDA_AUTO_BATCH_PIXELS if device.type == "cuda" else CPU_AUTO_BATCH_PIXELS
 
 
 @dataclass
@@ -143,7 +154,7 @@ class Engine:
         device: str = "auto",
         precision: str = "auto",
         max_batch: int = 8,
-        max_batch_pixels: int = 4 * 1024 * 1024,
+        max_batch_pixels: int | Literal["auto"] = "auto",
         max_pad_fraction: float = 0.25,
         tile_size: int = 1024,
         tile_overlap: int | Literal["auto"] = "auto",
@@ -153,7 +164,7 @@ class Engine:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.max_batch = max_batch
-        self.max_batch_pixels = max_batch_pixels
+        self.max_batch_pixels = resolve_batch_pixels(max_batch_pixels, self.device)
         self.max_pad_fraction = max_pad_fraction
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap

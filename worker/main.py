@@ -8,7 +8,9 @@ One loop iteration (see ``jobqueue.protocol`` for the keys):
    each one's delivery count and beyond ``MAX_DELIVERIES`` it is dead-lettered and its caller
    gets a 503 instead of a hang.
 2. Otherwise ``XREADGROUP`` new jobs: up to ``MAX_BATCH``, waiting ``MAX_WAIT_MS`` after the
-   first (``worker.batching.collect``).
+   first (``worker.batching.collect``). Only the read for the first job blocks; the window after
+   it is polled without ``BLOCK``, because Redis times out blocked reads on its timer tick (100
+   ms at the default ``hz 10``), which would turn a 10 ms window into ~100 ms.
 3. Triage without computing: malformed entries -> dead-letter + 422; deadline passed -> 504;
    cancel key set -> dropped; unknown model -> 404; wrong op for the model -> 422.
 4. Compute the rest as one ``Engine.run``; if that raises, run them one by one so one bad job
@@ -53,7 +55,8 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("worker")
 
 BLOCK_MS = 500
-"""Longest blocking read: bounds how late a stop signal is noticed while idle."""
+"""The blocking read for a batch's first job (a new job ends it at once; only an idle timeout
+is rounded up to Redis' timer tick): bounds how late a stop signal is noticed while idle."""
 DEAD_LETTER_MAXLEN = 1000
 DEAD_LETTER_MAX_PIXEL_BYTES = 4 << 20
 """Dead-lettered entries keep their pixels (for replaying) only up to this size."""
@@ -206,6 +209,7 @@ class Worker:
                 "models": sorted(list(self.engine.models)),
                 "device": str(self.engine.device),
                 "precision": self.engine.precision,
+                "max_batch_pixels": self.engine.max_batch_pixels,
                 "started_at": self.started_at,
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
@@ -253,7 +257,8 @@ class Worker:
         )
         return entries, False
 
-    def _read_new(self, count: int, block_ms: int) -> list[Entry]:
+    def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Up to ``count`` new entries; ``block_ms=None`` does not block (see ``collect``)."""
         response = self.redis.xreadgroup(
             CONSUMER_GROUP, self.worker_id, {self.keys.stream: ">"}, count=count, block=block_ms
         )
@@ -601,11 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     if worker.stopping.is_set():
         return 0
     log.info(
-        "serving %s from %s (prefix %r, max batch %d, wait %d ms)",
+        "serving %s from %s (prefix %r, max batch %d, wait %d ms, %d px per pass)",
         ", ".join(names) or "-",
         settings.redis_url,
         settings.queue_prefix,
         settings.max_batch,
         settings.max_wait_ms,
+        engine.max_batch_pixels,
     )
     return worker.run()

@@ -13,8 +13,10 @@ Variable                    Default            Meaning
                                                images / tiles in one forward pass.
 ``MAX_WAIT_MS``             10                 How long to wait for more jobs after the
                                                first before computing.
-``MAX_BATCH_PIXELS``        4194304            Most output pixels in one forward pass (the
-                                               memory bound; a single tile may exceed it).
+``MAX_BATCH_PIXELS``        auto               Most output pixels in one forward pass (a
+                                               single image or tile may exceed it). auto =
+                                               65536 (256²) on CPU, 16777216 (4096²) on
+                                               CUDA; see below.
 ``MAX_PAD_FRACTION``        0.25               Most filler allowed when images of different
                                                sizes share a padded forward pass.
 ``DEVICE``                  auto               auto (CUDA if present, else CPU) | cpu | cuda.
@@ -41,6 +43,35 @@ Variable                    Default            Meaning
 ``WORKER_ID``               host-pid           Consumer name and heartbeat key suffix.
 ``LOG_LEVEL``               INFO               Python logging level.
 ==========================  =================  ============================================
+
+**Why MAX_BATCH_PIXELS depends on the device.** Jobs are always *collected* in batches (one
+XREADGROUP, one results MULTI/EXEC for up to ``MAX_BATCH`` jobs); this setting decides how many
+of them share one *forward pass*. On a GPU a bigger pass fills the device, so the bound is only
+memory: 4096² output pixels (8 tiles of 1024², or 64 images of 512²). On a CPU one image
+already keeps the cores busy and a bigger pass only pushes the activations out of cache: the
+per-image time of the full-size style net (``StyleNetConfig()``, bf16, through
+``Engine.run``) *rises* with the pixels per pass. Measured 2026-11 on the shared 2-vCPU
+AVX-512-BF16 dev machine, 1 torch thread, all configurations interleaved (two runs of 6 and 8
+rounds, median ms per image; x = against batch 1 of the same size):
+
+==========  =====  ===============  ==============  =======================
+image       batch  px per pass      ms / image      x
+==========  =====  ===============  ==============  =======================
+256 px      1      65536            88 / 78         1
+256 px      2      131072           106 / 98        1.20 / 1.26
+256 px      4      262144           134 / 142       1.53 / 1.82
+512 px      1      262144           556 / 571       1
+512 px      2      524288           670 / 708       1.20 / 1.24
+128 px      1      16384            25 / 19         1
+128 px      4      65536            23 / 23         0.90 / 1.21
+==========  =====  ===============  ==============  =======================
+
+So the CPU budget is the largest that does not raise per-image time: 65536 (one 256² image;
+small images still share a pass up to that, where the effect is within the noise). With the
+default 2 threads the same machine shows the same ordering whenever the competing training job
+leaves both cores free (256 px batch 2: x1.06 median, x1.34 best-of); when it does not, every
+thread barrier stalls and batching only amortises the stalls - a property of the oversubscribed
+machine, not of the net.
 """
 
 from __future__ import annotations
@@ -52,6 +83,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: ``MAX_BATCH_PIXELS=auto`` on CPU: one 256² image per pass (see the module docstring).
+CPU_AUTO_BATCH_PIXELS = 256 * 256
+#: ``MAX_BATCH_PIXELS=auto`` on CUDA: a memory bound, not a speed one.
+CUDA_AUTO_BATCH_PIXELS = 4096 * 4096
 
 
 def _default_worker_id() -> str:
@@ -67,7 +103,7 @@ class WorkerSettings(BaseSettings):
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=60_000)
-    max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1)
+    max_batch_pixels: int | Literal["auto"] = "auto"
     max_pad_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -92,9 +128,9 @@ class WorkerSettings(BaseSettings):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
-    @field_validator("tile_overlap", mode="before")
+    @field_validator("tile_overlap", "max_batch_pixels", mode="before")
     @classmethod
-    def _overlap(cls, value: object) -> object:
+    def _int_or_auto(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() != "auto":
             return int(value)
         return value.strip().lower() if isinstance(value, str) else value
@@ -110,6 +146,8 @@ class WorkerSettings(BaseSettings):
             )
         if isinstance(self.tile_overlap, int) and self.tile_overlap < 0:
             raise ValueError("TILE_OVERLAP must be >= 0 or 'auto'")
+        if isinstance(self.max_batch_pixels, int) and self.max_batch_pixels < 1:
+            raise ValueError("MAX_BATCH_PIXELS must be >= 1 or 'auto'")
         return self
 
     @property
