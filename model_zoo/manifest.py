@@ -89,5 +89,6 @@ def write_manifest(manifest: Manifest, root: str | os.PathLike[str] | None = Non
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-", suffix=".json")
     with os.fdopen(fd, "w") as handle:
         handle.write(payload)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; containers read the zoo as another user
     os.replace(tmp, path)
     return path

@@ -82,6 +82,7 @@ def save_model(
             tensors[key] = value.detach().contiguous().cpu()
     tmp = folder / f"{relative}.tmp"
     save_file(tensors, str(tmp), metadata={"name": name, "kind": kind})
+    os.chmod(tmp, 0o644)  # readable by the non-root service users that mount the zoo
     os.replace(tmp, folder / relative)
     entry = ModelEntry(
         name=name,

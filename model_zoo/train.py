@@ -177,19 +177,20 @@ def save_checkpoint(
     iteration: int,
     history: list[dict[str, float]],
     phases: list[dict[str, Any]],
+    elapsed_s: float = 0.0,
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"iteration": str(iteration)})
     os.replace(tmp, path)
-    meta = {"iteration": iteration, "phases": phases, "history": history}
+    meta = {"iteration": iteration, "phases": phases, "history": history, "elapsed_s": elapsed_s}
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 def load_checkpoint(
     path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, float]], list[dict[str, Any]]]:
+) -> tuple[int, list[dict[str, float]], list[dict[str, Any]], float]:
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -201,7 +202,12 @@ def load_checkpoint(
     saved["state"] = state
     optimizer.load_state_dict(saved)
     meta = json.loads(path.with_suffix(".json").read_text())
-    return int(meta["iteration"]), list(meta["history"]), list(meta.get("phases", []))
+    return (
+        int(meta["iteration"]),
+        list(meta["history"]),
+        list(meta.get("phases", [])),
+        float(meta.get("elapsed_s", 0.0)),
+    )
 
 
 class StopRequested:
@@ -263,9 +269,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    start, history, phases = 0, [], []
+    start, history, phases, previous_s = 0, [], [], 0.0
     if settings.extra.get("resume") and checkpoint.exists():
-        start, history, phases = load_checkpoint(checkpoint, net, optimizer)
+        start, history, phases, previous_s = load_checkpoint(checkpoint, net, optimizer)
         log.info("resumed %s at iteration %d", checkpoint, start)
     # A resumed run may change weights or lr (a curriculum); each phase is recorded so the
     # manifest tells exactly how the shipped weights were trained.
@@ -323,10 +329,18 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                     | {"img/s": f"{settings.batch_size / step_time:.2f}"}
                 )
             if iteration % settings.checkpoint_every == 0:
-                save_checkpoint(checkpoint, net, optimizer, iteration, history, phases)
+                save_checkpoint(
+                    checkpoint,
+                    net,
+                    optimizer,
+                    iteration,
+                    history,
+                    phases,
+                    previous_s + time.perf_counter() - started,
+                )
     bar.close()
-    save_checkpoint(checkpoint, net, optimizer, iteration, history, phases)
-    wall = time.perf_counter() - started
+    wall = previous_s + time.perf_counter() - started
+    save_checkpoint(checkpoint, net, optimizer, iteration, history, phases, wall)
     if stop.requested:
         log.warning("stopped at iteration %d; checkpoint %s; exporting", iteration, checkpoint)
 

@@ -118,7 +118,8 @@ def test_padded_batch_is_exact_across_very_different_sizes(tiny_zoo: Path) -> No
 
 @pytest.mark.parametrize("name", ["tiny_style", "x4", "x8"])
 def test_reduced_precision_keeps_psnr_above_40db(tiny_zoo: Path, name: str) -> None:
-    engine = Engine(zoo_dir=tiny_zoo, precision="auto")
+    # min_psnr_db=0: measure the raw reduced-precision path, not the calibration fallback.
+    engine = Engine(zoo_dir=tiny_zoo, precision="auto", min_psnr_db=0.0)
     expected = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
     assert engine.precision == expected
     for seed, (h, w) in enumerate([(64, 64), (48, 36)]):
@@ -128,6 +129,23 @@ def test_reduced_precision_keeps_psnr_above_40db(tiny_zoo: Path, name: str) -> N
         assert psnr(out.pixels, ref) >= 40.0
     if expected == "bf16" and name == "tiny_style":
         assert max_diff(out.pixels, ref) > 0  # the reduced-precision path really ran
+
+
+@pytest.mark.parametrize("name", ["tiny_style", "x4"])
+def test_models_that_lose_quality_in_reduced_precision_are_served_in_fp32(
+    tiny_zoo: Path, name: str
+) -> None:
+    pixels = image(40, 44, seed=3)
+    ref = reference(tiny_zoo, name, pixels)
+    # An impossible bar: calibration must refuse bf16 and the output must be exactly fp32's.
+    strict = Engine(zoo_dir=tiny_zoo, precision="bf16", min_psnr_db=200.0)
+    (out,) = strict.run([(name, pixels)])
+    assert strict.model(name).precision == "fp32"
+    assert strict.model(name).calibration_psnr_db < 200.0
+    assert max_diff(out.pixels, ref) == 0
+    # No bar: the reduced precision is kept.
+    lax = Engine(zoo_dir=tiny_zoo, precision="bf16", min_psnr_db=0.0)
+    assert lax.model(name).precision == "bf16"
 
 
 def naive_tiles(engine: Engine, name: str, pixels: np.ndarray, tile: int) -> np.ndarray:

@@ -565,6 +565,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
         zoo_dir=settings.model_zoo_dir,
         device=settings.device,
         precision=settings.precision,
+        min_psnr_db=settings.min_psnr_db,
         max_batch=settings.max_batch,
         max_batch_pixels=settings.max_batch_pixels,
         max_pad_fraction=settings.max_pad_fraction,

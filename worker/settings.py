@@ -107,6 +107,7 @@ class WorkerSettings(BaseSettings):
     max_pad_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    min_psnr_db: float = Field(40.0, ge=0.0)
     torch_threads: int = Field(0, ge=0)
     tile_size: int = Field(1024, ge=32)
     tile_overlap: int | Literal["auto"] = "auto"
