@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes
 from bench.load import run_load
 from bench.loadgen import Bounds, LevelResult, Workload
@@ -57,13 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=1, help="alternate the phases this many times, pooled"
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests, one level")
-    parser.add_argument(
-        "--redis-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
-    )
+    add_redis_config_argument(parser)
     parser.add_argument("--name", default="batching", help="file stem of the report files")
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_redis_config_argument
 from bench.images import synthetic_array
 from bench.load import run_load
 from bench.loadgen import Bounds, Workload
@@ -33,13 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=20, help="timed requests (and reps)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="8 requests")
-    parser.add_argument(
-        "--redis-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
-    )
+    add_redis_config_argument(parser)
     parser.add_argument("--name", default="e2e", help="file stem of the report files")
 
 

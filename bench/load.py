@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes
 from bench.loadgen import Bounds, LevelResult, Workload, sweep
 from bench.report import load_markdown, machine_info, plot_load, write_json, write_markdown
@@ -52,13 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--zoo", default=None, help="with --spawn: zoo folder to serve")
     parser.add_argument("--tiny", action="store_true", help="with --spawn: tiny untrained nets")
-    parser.add_argument(
-        "--redis-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
-    )
+    add_redis_config_argument(parser)
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="with --spawn"
     )

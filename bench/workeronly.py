@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes, synthetic_array
 from bench.loadgen import LevelResult, Sample
 from bench.report import machine_info, markdown_table, write_json, write_markdown
@@ -48,13 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="extra worker env"
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--redis-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="CONFIG SET on the private redis-server after start (e.g. hz=100)",
-    )
+    add_redis_config_argument(parser)
     parser.add_argument("--name", default="worker", help="file stem of the report files")
 
 
