@@ -146,6 +146,13 @@ def make_tiny_zoo(root: Path) -> Path:
     return root
 
 
+def add_tiny_pixel_sr(root: Path, seed: int) -> None:
+    """A tiny x4 pixel-loss model beside the defaults, for tests that compare SR variants."""
+    torch.manual_seed(seed)
+    save_model(build_net(TINY_SR[4]), name="x4_pixel", kind="sr", arch=TINY_SR[4], root=root,
+               factor=4, loss="pixel")
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_zoo(tmp_path_factory.mktemp("zoo-template"))

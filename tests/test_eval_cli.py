@@ -17,7 +17,7 @@ from model_zoo.manifest import read_manifest
 from model_zoo.metrics import modcrop, sr_scores
 from model_zoo.nets import build_net
 from model_zoo.registry import load_model, save_model
-from tests.conftest import TINY_SR
+from tests.conftest import add_tiny_pixel_sr
 
 
 def write_photo(path: Path, width: int, height: int, seed: int) -> None:
@@ -46,16 +46,7 @@ def bench(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def sr_zoo(tiny_zoo: Path) -> Path:
-    torch.manual_seed(1)
-    save_model(
-        build_net(TINY_SR[4]),
-        name="x4_pixel",
-        kind="sr",
-        arch=TINY_SR[4],
-        root=tiny_zoo,
-        factor=4,
-        loss="pixel",
-    )
+    add_tiny_pixel_sr(tiny_zoo, seed=1)
     return tiny_zoo
 
 

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from model_zoo import gallery
-from model_zoo.nets import build_net
-from model_zoo.registry import save_model
-from tests.conftest import TINY_SR
+from tests.conftest import add_tiny_pixel_sr
 
 
 def _photo(path: Path, w: int, h: int, seed: int) -> Path:
@@ -22,16 +19,7 @@ def _photo(path: Path, w: int, h: int, seed: int) -> Path:
 
 
 def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    save_model(
-        build_net(TINY_SR[4]),
-        name="x4_pixel",
-        kind="sr",
-        arch=TINY_SR[4],
-        root=tiny_zoo,
-        factor=4,
-        loss="pixel",
-    )
+    add_tiny_pixel_sr(tiny_zoo, seed=0)
     photos = [_photo(tmp_path / f"p{i}.png", 60 + i, 50, i) for i in range(3)]
     sr_photo = _photo(tmp_path / "sr.png", 72, 64, 9)
     styles_out, sr_out = tmp_path / "out" / "styles.jpg", tmp_path / "out" / "sr.jpg"
@@ -69,16 +57,7 @@ def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
 
 
 def test_sr_columns_put_the_pixel_model_before_the_feature_model(tiny_zoo: Path) -> None:
-    torch.manual_seed(0)
-    save_model(
-        build_net(TINY_SR[4]),
-        name="x4_pixel",
-        kind="sr",
-        arch=TINY_SR[4],
-        root=tiny_zoo,
-        factor=4,
-        loss="pixel",
-    )
+    add_tiny_pixel_sr(tiny_zoo, seed=0)
     from model_zoo.registry import list_models
 
     order = gallery._sr_methods([e for e in list_models(tiny_zoo) if e.kind == "sr"])
