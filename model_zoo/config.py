@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Norm = Literal["instance", "batch", "none"]
 Upsample = Literal["nearest+conv", "transposed"]
 OutputSquash = Literal["tanh", "sigmoid"]
+SROutput = Literal["tanh", "sigmoid", "bicubic_residual"]
 
 
 class StyleNetConfig(BaseModel):
@@ -35,7 +36,14 @@ class StyleNetConfig(BaseModel):
 
 
 class SRNetConfig(BaseModel):
-    """Super-resolution net: c9s1-64, 4 x R64, log2(factor) x2-upsampling stages of 64, c9s1-3."""
+    """Super-resolution net: c9s1-64, 4 x R64, log2(factor) x2-upsampling stages of 64, c9s1-3.
+
+    ``output="tanh"`` is the paper's net, which must learn the whole image from scratch (the
+    paper trains 200k iterations). ``"bicubic_residual"`` adds the last conv's output to a
+    bicubic upscale of the input (as in VDSR) and clips to [0, 1]; with that conv zero-initialised
+    the untrained net *is* bicubic, so even a short CPU run starts from the bicubic baseline
+    instead of from grey.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,7 +53,7 @@ class SRNetConfig(BaseModel):
     num_residual: int = Field(4, ge=0, le=32)
     norm: Norm = "batch"
     upsample: Upsample = "nearest+conv"
-    output: OutputSquash = "tanh"
+    output: SROutput = "tanh"
 
 
 ArchConfig = Annotated[StyleNetConfig | SRNetConfig, Field(discriminator="kind")]

@@ -153,6 +153,11 @@ class SRNet(nn.Module):
             *[Upsample2x(c, c, self.config.upsample, norm) for _ in range(stages)]
         )
         self.tail = ConvLayer(c, 3, 9)
+        self.skip: BicubicUpsample | None = None
+        if self.config.output == "bicubic_residual":
+            self.skip = BicubicUpsample(self.config.factor)
+            nn.init.zeros_(self.tail.conv.weight)
+            nn.init.zeros_(self.tail.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -160,7 +165,36 @@ class SRNet(nn.Module):
         # The 9x9 reflection-padded head needs at least 5 pixels per side.
         x = pad_to_valid(x, multiple=1, minimum=5)
         y = self.tail(self.upsample(self.residuals(self.head(x))))
-        return _squash(y[..., : height * f, : width * f], self.config.output)
+        if self.skip is not None:
+            y = (self.skip(x) + y)[..., : height * f, : width * f]
+            # Clipping while training would zero the gradient of every overshooting pixel, and
+            # Adam's first steps overshoot (the 9x9x64 tail has 5184 inputs per output): the
+            # net could never come back. The loss pulls outputs into range instead.
+            return y if self.training else y.clamp(0.0, 1.0)
+        return _squash(y[..., : height * f, : width * f], self.config.output)  # type: ignore[arg-type]
+
+
+class BicubicUpsample(nn.Module):
+    """Bicubic x f upscale with *reflected* borders, the base of the residual SR output.
+
+    ``F.interpolate`` clamps at the border, which in a mixed-size batch would read the canvas
+    filler next to a smaller image. Padding with an ``nn.ReflectionPad2d`` (which
+    ``worker.ragged`` makes per-sample) and cropping the margin back keeps such batches exact:
+    bicubic reads 2 input pixels either side, so every kept output pixel only sees the image.
+    """
+
+    margin = 2
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.pad = nn.ReflectionPad2d(self.margin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, m = self.factor, self.margin
+        height, width = x.shape[-2:]
+        y = F.interpolate(self.pad(x), scale_factor=f, mode="bicubic", align_corners=False)
+        return y[..., m * f : m * f + height * f, m * f : m * f + width * f]
 
 
 def build_net(config: ArchConfig) -> nn.Module:

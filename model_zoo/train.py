@@ -32,6 +32,7 @@ from tqdm import tqdm
 from model_zoo import registry
 from model_zoo.config import SRNetConfig, StyleNetConfig
 from model_zoo.data import ImageFolderCrops, InfiniteSampler, degrade
+from model_zoo.hardware import auto_precision, cpu_has_native_bf16
 from model_zoo.imaging import load_rgb, to_tensor
 from model_zoo.losses import feature_loss, gram_matrix, pixel_loss, style_loss, tv_loss
 from model_zoo.nets import build_net
@@ -60,10 +61,12 @@ class TrainSettings:
     run_dir: str = "runs"
     zoo: str | None = None
     vgg_weights: str | None = None
+    # both: the weight of the relu2_2 feature term (style's content; SR's feat or pixel term).
+    # The same 1e5 in both keeps TV weights comparable: TV is a per-image *sum* (losses.py).
+    content_weight: float = 1e5
     # style
     style_image: str | None = None
     style_size: int | None = 512
-    content_weight: float = 1e5
     style_weight: float = 5e5
     tv_weight: float = 3.0
     norm: str = "instance"
@@ -71,6 +74,7 @@ class TrainSettings:
     # sr
     factor: int = 4
     loss: str = "feat"
+    output: str = "tanh"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,11 +85,18 @@ def pick_device(requested: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str) -> AbstractContextManager[Any]:
-    """bf16 autocast by default: 3-4x faster on AVX-512-BF16 CPUs and safe without a scaler."""
+    """bf16 needs no loss scaler; it is the default only where it is native (model_zoo.hardware)."""
     if precision == "fp32":
         return nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+# Settings that mean nothing for the other task, kept out of its manifest entry.
+_OTHER_TASK_SETTINGS = {
+    "style": {"factor", "loss", "output"},
+    "sr": {"style_image", "style_size", "style_weight", "norm"},
+}
 
 
 def hardware_description(device: torch.device) -> str:
@@ -99,7 +110,9 @@ def hardware_description(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    isa += ", native bf16" if cpu_has_native_bf16() else ", no native bf16"
+    return f"{cpu}, {isa} ({torch.get_num_threads()} threads)"
 
 
 class StyleObjective:
@@ -157,7 +170,7 @@ class SRObjective:
             main = feature_loss(self.vgg(output)[CONTENT_LAYER], target_feat)
         else:
             main = pixel_loss(output, target)
-        terms = {s.loss: main, "tv": s.tv_weight * tv_loss(output)}
+        terms = {s.loss: s.content_weight * main, "tv": s.tv_weight * tv_loss(output)}
         total = terms[s.loss] + terms["tv"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -241,7 +254,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     """Run (or resume) one training run and write the model into the zoo."""
     torch.manual_seed(settings.seed)
     device = pick_device(settings.device)
-    precision = settings.precision if settings.precision != "auto" else "bf16"
+    precision = (
+        settings.precision if settings.precision != "auto" else auto_precision(device, "bf16")
+    )
     run_dir = Path(settings.run_dir) / settings.name
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.safetensors"
@@ -255,6 +270,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         arch = SRNetConfig(
             factor=settings.factor,  # type: ignore[arg-type]
             upsample=settings.upsample,  # type: ignore[arg-type]
+            output=settings.output,  # type: ignore[arg-type]
         )
     net = build_net(arch).to(device).train()
     if device.type == "cuda":
@@ -275,9 +291,14 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         log.info("resumed %s at iteration %d", checkpoint, start)
     # A resumed run may change weights or lr (a curriculum); each phase is recorded so the
     # manifest tells exactly how the shipped weights were trained.
-    phase = {"from_iteration": start, "lr": settings.lr, "tv_weight": settings.tv_weight}
+    phase = {
+        "from_iteration": start,
+        "lr": settings.lr,
+        "tv_weight": settings.tv_weight,
+        "content_weight": settings.content_weight,
+    }
     if settings.task == "style":
-        phase |= {"content_weight": settings.content_weight, "style_weight": settings.style_weight}
+        phase |= {"style_weight": settings.style_weight}
     if not phases or {k: v for k, v in phases[-1].items() if k != "from_iteration"} != {
         k: v for k, v in phase.items() if k != "from_iteration"
     }:
@@ -360,7 +381,11 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         root=settings.zoo,
         factor=settings.factor if settings.task == "sr" else None,
         loss=settings.loss if settings.task == "sr" else "perceptual",
-        training={k: v for k, v in asdict(settings).items() if k not in ("extra", "zoo")}
+        training={
+            k: v
+            for k, v in asdict(settings).items()
+            if k not in ("extra", "zoo") and k not in _OTHER_TASK_SETTINGS[settings.task]
+        }
         | {
             "precision": precision,
             "optimizer": "Adam",
@@ -408,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(style, 256)
     style.add_argument("--style-image", required=True)
     style.add_argument("--style-size", type=int, default=512, help="longer side of style image")
-    style.add_argument("--content-weight", type=float, default=1e5)
+    style.add_argument("--content-weight", type=float, default=1e5, help="relu2_2 feature term")
     style.add_argument("--style-weight", type=float, default=5e5)
     style.add_argument("--norm", default="instance", choices=["instance", "batch"])
 
@@ -416,6 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(sr, 288)
     sr.add_argument("--factor", type=int, default=4, choices=[4, 8])
     sr.add_argument("--loss", default="feat", choices=["feat", "pixel"])
+    sr.add_argument(
+        "--content-weight", type=float, default=1e5, help="weight of the feat or pixel term"
+    )
+    sr.add_argument(
+        "--output",
+        default="tanh",
+        choices=["tanh", "bicubic_residual"],
+        help="the paper's tanh image, or a residual added to bicubic (see SRNetConfig)",
+    )
     sr.set_defaults(iterations=200_000)
     return parser
 

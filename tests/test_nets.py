@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_zoo.config import SRNetConfig, StyleNetConfig
+from model_zoo.hardware import auto_precision
 from model_zoo.nets import SRNet, StyleNet, build_net, count_parameters
 
 
@@ -23,11 +25,52 @@ def test_style_net_keeps_any_input_size(size: tuple[int, int], norm: str, upsamp
 
 @pytest.mark.parametrize("factor", [4, 8])
 @pytest.mark.parametrize("size", [(1, 1), (9, 11), (16, 16)])
-def test_sr_net_scales_exactly(factor: int, size: tuple[int, int]) -> None:
-    net = SRNet(SRNetConfig(factor=factor, channels=8, num_residual=1)).eval()
+@pytest.mark.parametrize("output", ["tanh", "bicubic_residual"])
+def test_sr_net_scales_exactly(factor: int, size: tuple[int, int], output: str) -> None:
+    net = SRNet(SRNetConfig(factor=factor, channels=8, num_residual=1, output=output)).eval()
     with torch.no_grad():
         out = net(torch.rand(1, 3, *size))
     assert out.shape == (1, 3, size[0] * factor, size[1] * factor)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("factor", [4, 8])
+def test_untrained_residual_sr_net_is_bicubic(factor: int) -> None:
+    """The zero-initialised head starts training from the bicubic baseline, not from grey."""
+    net = SRNet(SRNetConfig(factor=factor, channels=8, num_residual=1, output="bicubic_residual"))
+    x = torch.rand(2, 3, 12, 10)
+    with torch.no_grad():
+        out = net.eval()(x)
+    bicubic = F.interpolate(x, scale_factor=factor, mode="bicubic", align_corners=False)
+    inner = (..., slice(2 * factor, -2 * factor), slice(2 * factor, -2 * factor))
+    # Identical away from the border, where only the border rule (reflect vs clamp) differs.
+    torch.testing.assert_close(out[inner], bicubic.clamp(0, 1)[inner], atol=1e-5, rtol=0)
+
+
+def test_residual_sr_net_clips_only_at_inference() -> None:
+    """Clipping in training would zero the gradient of overshooting pixels for good."""
+    net = SRNet(SRNetConfig(factor=4, channels=8, num_residual=1, output="bicubic_residual"))
+    torch.nn.init.constant_(net.tail.conv.bias, 2.0)  # every pixel overshoots
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    train_out = net.train()(x)
+    assert train_out.min() > 1
+    train_out.mean().backward()
+    assert net.tail.conv.bias.grad is not None and net.tail.conv.bias.grad.abs().min() > 0
+    with torch.no_grad():
+        assert net.eval()(x).max() == 1
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert auto_precision(cpu) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert auto_precision(cpu) == "bf16"
+    assert auto_precision(torch.device("cuda"), "bf16") == "bf16"
+    assert auto_precision(torch.device("cuda")) == "fp16"
 
 
 def test_style_net_parameter_count_matches_paper() -> None:

@@ -87,6 +87,7 @@ def test_style_training_writes_loadable_zoo_entry(
     assert entry.kind == "style" and entry.iterations == 3
     assert entry.sha256 == sha256_file(zoo / entry.weights)
     assert entry.training["content_weight"] == 1e5 and entry.training["style_image"]
+    assert "factor" not in entry.training and "loss" not in entry.training
     assert set(entry.final_losses) == {"total", "content", "style", "tv"}
     assert entry.data["images"] == 6
     net, _ = load_model("stripes", root=zoo)
@@ -95,8 +96,12 @@ def test_style_training_writes_loadable_zoo_entry(
     assert (runs / "stripes" / "loss_curve.png").exists()
 
 
-@pytest.mark.parametrize("loss", ["feat", "pixel"])
-def test_sr_training_writes_loadable_zoo_entry(photo_dir: Path, tmp_path: Path, loss: str) -> None:
+@pytest.mark.parametrize(
+    ("loss", "output"), [("feat", "tanh"), ("pixel", "tanh"), ("feat", "bicubic_residual")]
+)
+def test_sr_training_writes_loadable_zoo_entry(
+    photo_dir: Path, tmp_path: Path, loss: str, output: str
+) -> None:
     zoo = tmp_path / "zoo"
     run(
         [
@@ -107,6 +112,8 @@ def test_sr_training_writes_loadable_zoo_entry(photo_dir: Path, tmp_path: Path, 
             "4",
             "--loss",
             loss,
+            "--output",
+            output,
             "--data",
             str(photo_dir),
             "--image-size",
@@ -124,6 +131,9 @@ def test_sr_training_writes_loadable_zoo_entry(photo_dir: Path, tmp_path: Path, 
     )
     entry = read_manifest(zoo).get(f"x4_{loss}")
     assert entry.kind == "sr" and entry.factor == 4 and entry.loss == loss
+    assert entry.arch.output == output  # type: ignore[union-attr]
+    assert entry.training["content_weight"] == 1e5
+    assert "style_weight" not in entry.training and "style_image" not in entry.training
     net, _ = load_model(f"x4_{loss}", root=zoo)
     assert net(torch.rand(1, 3, 8, 9)).shape == (1, 3, 32, 36)
 

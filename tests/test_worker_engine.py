@@ -86,7 +86,7 @@ def test_batch_equivalence_holds_for_the_full_size_style_net(tiny_zoo: Path) -> 
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["tiny_style", "x4"])
+@pytest.mark.parametrize("name", ["tiny_style", "x4", "x8"])
 def test_batch_gives_each_job_the_pixels_it_gets_alone(
     tiny_zoo: Path, name: str, precision: str
 ) -> None:

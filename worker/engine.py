@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model_zoo.hardware import Precision, auto_precision
 from model_zoo.imaging import tensor_to_uint8
 from model_zoo.manifest import ModelEntry
 from model_zoo.registry import list_models, load_model
@@ -57,8 +58,6 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGE = Path(__file__).with_name("calibration.png")
 
-Precision = Literal["fp32", "bf16", "fp16"]
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -73,13 +72,7 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     than fp32, so fp32)."""
     if precision != "auto":
         return precision  # type: ignore[return-value]
-    if device.type == "cuda":
-        return "fp16"
-    has_bf16 = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return "bf16" if has_bf16 else "fp32"
+    return auto_precision(device)
 
 
 def resolve_batch_pixels(value: int | Literal["auto"], device: torch.device) -> int:
