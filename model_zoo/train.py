@@ -75,6 +75,11 @@ class TrainSettings:
     factor: int = 4
     loss: str = "feat"
     output: str = "tanh"
+    # SR feat only: an extra per-pixel MSE term (content-weight units) that anchors colour,
+    # which relu2_2 features barely constrain.
+    pixel_weight: float = 0.0
+    # Start from a zoo model's weights (same architecture), e.g. a feature run from the pixel model.
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,7 +99,7 @@ def autocast_for(device: torch.device, precision: str) -> AbstractContextManager
 
 # Settings that mean nothing for the other task, kept out of its manifest entry.
 _OTHER_TASK_SETTINGS = {
-    "style": {"factor", "loss", "output"},
+    "style": {"factor", "loss", "output", "pixel_weight", "init_from"},
     "sr": {"style_image", "style_size", "style_weight", "norm"},
 }
 
@@ -171,7 +176,9 @@ class SRObjective:
         else:
             main = pixel_loss(output, target)
         terms = {s.loss: s.content_weight * main, "tv": s.tv_weight * tv_loss(output)}
-        total = terms[s.loss] + terms["tv"]
+        if s.loss == "feat" and s.pixel_weight:
+            terms["pixel"] = s.pixel_weight * pixel_loss(output, target)
+        total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -273,6 +280,15 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             output=settings.output,  # type: ignore[arg-type]
         )
     net = build_net(arch).to(device).train()
+    if settings.init_from and not (settings.extra.get("resume") and checkpoint.exists()):
+        source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
+        if source_entry.arch != arch:
+            raise ValueError(
+                f"--init-from {settings.init_from}: its architecture {source_entry.arch} "
+                f"differs from this run's {arch}"
+            )
+        net.load_state_dict(source.state_dict())
+        net.train()
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     needs_vgg = settings.task == "style" or settings.loss == "feat"
@@ -450,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tanh", "bicubic_residual"],
         help="the paper's tanh image, or a residual added to bicubic (see SRNetConfig)",
     )
+    sr.add_argument(
+        "--pixel-weight", type=float, default=0.0, help="feat only: add this x per-pixel MSE"
+    )
+    sr.add_argument("--init-from", default=None, help="start from this zoo model's weights")
     sr.set_defaults(iterations=200_000)
     return parser
 

@@ -234,3 +234,47 @@ def test_dataset_crops_have_training_size(photo_dir: Path) -> None:
     data = ImageFolderCrops(photo_dir, 24)
     crops = [data[i] for i in range(len(data))]
     assert all(c.shape == (3, 24, 24) for c in crops)
+
+
+def _sr_args(photo_dir: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "sr", "--name", name, "--data", str(photo_dir), "--image-size", "32",
+        "--batch-size", "2", "--output", "bicubic_residual", "--zoo", str(tmp_path / "zoo"),
+        "--run-dir", str(tmp_path / "runs"), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_feature_run_can_start_from_the_pixel_model_with_a_pixel_term(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    zoo = tmp_path / "zoo"
+    run(_sr_args(photo_dir, tmp_path, "px", "--loss", "pixel", "--iterations", "2"))
+    # Zero steps: the exported net is exactly the one it started from.
+    run(_sr_args(photo_dir, tmp_path, "same", "--init-from", "px", "--iterations", "0"))
+    source, _ = load_model("px", root=zoo)
+    copy, _ = load_model("same", root=zoo)
+    for (key, a), b in zip(source.state_dict().items(), copy.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=key)
+    run(
+        _sr_args(
+            photo_dir, tmp_path, "ft", "--init-from", "px", "--pixel-weight", "1e7",
+            "--iterations", "1",
+        )
+    )  # fmt: skip
+    entry = read_manifest(zoo).get("ft")
+    assert entry.training["init_from"] == "px" and entry.training["pixel_weight"] == 1e7
+    assert set(entry.final_losses) == {"total", "feat", "pixel", "tv"}
+    assert entry.final_losses["pixel"] > 0
+
+
+def test_init_from_a_model_of_another_architecture_is_refused(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    run(_sr_args(photo_dir, tmp_path, "px4", "--loss", "pixel", "--iterations", "1"))
+    with pytest.raises(ValueError, match="architecture"):
+        run(
+            _sr_args(
+                photo_dir, tmp_path, "x8", "--factor", "8", "--init-from", "px4",
+                "--iterations", "1",
+            )
+        )  # fmt: skip
