@@ -606,6 +606,11 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     protocol = _protocol(args, device)
     if args.task == "sr":
+        lpips_precision = (
+            auto_precision(device, "bf16")
+            if args.lpips_precision == "auto"
+            else args.lpips_precision
+        )
         rows = evaluate_sr(
             args.models,
             args.sets,
@@ -614,7 +619,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             device=device,
             precision=args.precision,
-            lpips_precision=args.lpips_precision,
+            lpips_precision=lpips_precision,
             degradation=args.degradation,
         )
         summary = summarise_sr(rows)
@@ -624,13 +629,7 @@ def run(args: argparse.Namespace) -> int:
             "modcrop": True,
             "lr": f"{args.degradation} degradation, uint8",
             "bicubic": "PIL BICUBIC",
-            "lpips": "vgg ("
-            + (
-                auto_precision(device, "bf16")
-                if args.lpips_precision == "auto"
-                else args.lpips_precision
-            )
-            + ")",
+            "lpips": f"vgg ({lpips_precision})",
             "precision": args.precision,
             "data": str(args.data),
         }
