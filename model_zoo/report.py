@@ -29,9 +29,14 @@ def save_sample_grid(
     path: Path,
     settings: Any,
     device: torch.device,
+    size: int | None = None,
 ) -> Path:
-    """One row per photo: style = input | output; SR = bicubic | output | HR."""
-    size = settings.image_size
+    """One row per photo: style = input | output; SR = bicubic | output | HR.
+
+    ``size`` (default: the training crop) lets a style run also be judged at a larger size,
+    where its textures read at a different scale relative to the content.
+    """
+    size = size or settings.image_size
     rows: list[list[Image.Image]] = []
     for photo in photos:
         hr = to_tensor(_square(photo, size)).to(device)

@@ -93,6 +93,9 @@ def test_style_training_writes_loadable_zoo_entry(
     net, _ = load_model("stripes", root=zoo)
     assert net(torch.rand(1, 3, 19, 23)).shape == (1, 3, 19, 23)
     assert (runs / "stripes" / "samples.jpg").exists()
+    # Style runs are also shown at twice the crop, where texture scale reads differently.
+    large = Image.open(runs / "stripes" / "samples_64.jpg")
+    assert large.width == 2 * 64 and large.height % 64 == 0 and large.height >= 64
     assert (runs / "stripes" / "loss_curve.png").exists()
 
 
@@ -276,5 +279,41 @@ def test_init_from_a_model_of_another_architecture_is_refused(
             _sr_args(
                 photo_dir, tmp_path, "x8", "--factor", "8", "--init-from", "px4",
                 "--iterations", "1",
+            )
+        )  # fmt: skip
+
+
+def _style_args(
+    photo_dir: Path, style_image: Path, tmp_path: Path, name: str, *extra: str
+) -> list[str]:
+    return [
+        "style", "--name", name, "--data", str(photo_dir), "--style-image", str(style_image),
+        "--image-size", "32", "--batch-size", "2", "--style-size", "48",
+        "--zoo", str(tmp_path / "zoo"), "--run-dir", str(tmp_path / "runs"), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_a_new_style_can_start_from_a_trained_style_net(
+    photo_dir: Path, style_image: Path, tmp_path: Path
+) -> None:
+    zoo = tmp_path / "zoo"
+    run(_style_args(photo_dir, style_image, tmp_path, "first", "--iterations", "2"))
+    run(
+        _style_args(
+            photo_dir, style_image, tmp_path, "second", "--init-from", "first",
+            "--iterations", "0",
+        )
+    )  # fmt: skip
+    source, _ = load_model("first", root=zoo)
+    copy, entry = load_model("second", root=zoo)
+    for (key, a), b in zip(source.state_dict().items(), copy.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=key)
+    assert entry.training["init_from"] == "first"
+    # A batch-norm style net is another architecture: refused, not silently half-loaded.
+    with pytest.raises(ValueError, match="architecture"):
+        run(
+            _style_args(
+                photo_dir, style_image, tmp_path, "bn", "--init-from", "first",
+                "--norm", "batch", "--iterations", "1",
             )
         )  # fmt: skip
