@@ -488,9 +488,20 @@ def style_markdown(results: dict[str, dict[str, Any]], checkpoints: Sequence[int
 def store_style_metrics(
     results: dict[str, dict[str, Any]], root: str | None, protocol: dict[str, Any]
 ) -> None:
+    """Merge by size: a later 512 px run must not erase the 256 px results (and vice versa).
+
+    Each size keeps the protocol it was measured under, since runs at different sizes may come
+    from different sessions and machines.
+    """
     for name, by_size in results.items():
+        previous = registry.get_entry(name, root).metrics.get("style_vs_optimization", {})
+        sizes = {
+            size: {"protocol": previous.get("protocol", {}), **result}
+            for size, result in previous.get("sizes", {}).items()
+        }
+        sizes.update({size: {**result, "protocol": protocol} for size, result in by_size.items()})
         registry.update_metrics(
-            name, {"style_vs_optimization": {"protocol": protocol, "sizes": by_size}}, root
+            name, {"style_vs_optimization": {"protocol": protocol, "sizes": sizes}}, root
         )
 
 

@@ -216,6 +216,20 @@ def test_style_eval_compares_with_lbfgs_and_stores_metrics(
     )
     table = out.read_text()
     assert "| tiny_style | 32 | 2 |" in table and "L-BFGS 4 its" in table
+    # A later run at another size adds to the stored results instead of replacing them.
+    rc = zoo_eval.main(
+        [
+            "style", "--models", "tiny_style", "--photos", str(bench / "SetA"),
+            "--num-photos", "1", "--sizes", "24", "--iterations", "2", "--ff-repeats", "1",
+            "--zoo", str(style_zoo), "--out", "-",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    merged = read_manifest(style_zoo).get("tiny_style").metrics["style_vs_optimization"]
+    assert set(merged["sizes"]) == {"32", "24"}
+    assert merged["sizes"]["32"]["summary"] == summary
+    assert merged["sizes"]["32"]["protocol"]["init"] == "content"
+    assert merged["sizes"]["24"]["protocol"]["init"] == "noise"
 
 
 def test_style_objective_of_the_feed_forward_output_is_the_gatys_objective(
