@@ -219,7 +219,7 @@ BAD_UPLOADS = [
      {"files": multipart(png((65, 10)))}, 413, "image_too_large"),
     ("decompression bomb", "/stylize?style=tiny_style",
      {"files": multipart(bomb_png(50_000))}, 413, "image_too_large"),
-    ("unknown style", "/stylize?style=starry_night", {"files": multipart(png())},
+    ("unknown style", "/stylize?style=no_such_style", {"files": multipart(png())},
      404, "unknown_style"),
     ("missing style", "/stylize", {"files": multipart(png())}, 422, "invalid_request"),
     ("empty style", "/stylize?style=", {"files": multipart(png())}, 422, "invalid_request"),

@@ -1,0 +1,45 @@
+"""The zoo this repository ships: every model loads, is small, and says how it was made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_zoo.manifest import ModelEntry, read_manifest
+from model_zoo.registry import load_model, sha256_file
+
+ZOO = Path(__file__).resolve().parents[1] / "model_zoo"
+ENTRIES = read_manifest(ZOO).models
+# In copyright (../shared/data/README.md): never to be shipped.
+RESTRICTED_STYLES = {"rain_princess", "la_muse"}
+
+
+def test_the_zoo_ships_both_tasks() -> None:
+    kinds = {entry.kind for entry in ENTRIES}
+    assert kinds == {"style", "sr"}
+    factors = {entry.factor for entry in ENTRIES if entry.kind == "sr"}
+    assert factors == {4, 8}
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
+def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None:
+    path = ZOO / entry.weights
+    assert path.stat().st_size < 10 * 1024 * 1024
+    assert sha256_file(path) == entry.sha256
+    assert entry.iterations > 0 and entry.wall_time_s > 0 and entry.hardware
+    assert entry.description
+    net, _ = load_model(entry.name, root=ZOO)
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 20, 24))
+    scale = entry.factor or 1
+    assert out.shape == (1, 3, 20 * scale, 24 * scale)
+    assert out.min() >= 0 and out.max() <= 1
+    training = entry.training
+    if entry.kind == "style":
+        assert Path(training["style_image"]).stem not in RESTRICTED_STYLES
+        for key in ("content_weight", "style_weight", "tv_weight", "image_size", "batch_size"):
+            assert training[key] > 0, key
+    else:
+        assert training["factor"] == entry.factor and training["loss"] == entry.loss
