@@ -292,7 +292,6 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 f"differs from this run's {arch}"
             )
         net.load_state_dict(source.state_dict())
-        net.train()
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     needs_vgg = settings.task == "style" or settings.loss == "feat"

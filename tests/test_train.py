@@ -58,30 +58,7 @@ def test_style_training_writes_loadable_zoo_entry(
 ) -> None:
     zoo, runs = tmp_path / "zoo", tmp_path / "runs"
     with caplog.at_level(logging.WARNING):
-        run(
-            [
-                "style",
-                "--name",
-                "stripes",
-                "--data",
-                str(photo_dir),
-                "--style-image",
-                str(style_image),
-                "--image-size",
-                "32",
-                "--batch-size",
-                "2",
-                "--iterations",
-                "3",
-                "--style-size",
-                "48",
-                "--zoo",
-                str(zoo),
-                "--run-dir",
-                str(runs),
-                "--quiet",
-            ]
-        )
+        run(_style_args(photo_dir, style_image, tmp_path, "stripes", "--iterations", "3"))
     assert any("broken.jpg" in r.message for r in caplog.records), "unreadable file not reported"
     entry = read_manifest(zoo).get("stripes")
     assert entry.kind == "style" and entry.iterations == 3
