@@ -73,6 +73,32 @@ class Manifest(BaseModel):
         self.models.sort(key=lambda m: (m.kind, m.name))
 
 
+# What a lineage record keeps of each earlier run: enough to tell how the weights came to be.
+_LINEAGE_SETTINGS = (
+    "init_from", "loss", "lr", "content_weight", "style_weight", "tv_weight", "pixel_weight",
+    "image_size", "batch_size", "precision", "phases",
+)  # fmt: skip
+
+
+def lineage_of(entry: ModelEntry) -> list[dict[str, Any]]:
+    """The runs behind ``entry``, oldest first and ``entry`` itself last.
+
+    A run started with ``--init-from`` overwrites nothing of its parent's history: the parent's
+    own lineage is carried over, so a model fine-tuned in stages (or from another style) still
+    records every iteration, machine and hour that went into its weights, even after the
+    parent's zoo entry is replaced (``--init-from x4 --name x4``).
+    """
+    run = {
+        "name": entry.name,
+        "sha256": entry.sha256,
+        "iterations": entry.iterations,
+        "hardware": entry.hardware,
+        "wall_time_s": entry.wall_time_s,
+        "created": entry.created,
+    } | {k: entry.training[k] for k in _LINEAGE_SETTINGS if k in entry.training}
+    return [*entry.training.get("lineage", []), run]
+
+
 def read_manifest(root: str | os.PathLike[str] | None = None) -> Manifest:
     path = zoo_dir(root) / MANIFEST_NAME
     if not path.exists():

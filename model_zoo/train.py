@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model_zoo import registry
+from model_zoo import manifest, registry
 from model_zoo.config import SRNetConfig, StyleNetConfig
 from model_zoo.data import ImageFolderCrops, InfiniteSampler, degrade
 from model_zoo.hardware import auto_precision, cpu_has_native_bf16
@@ -202,19 +202,26 @@ def save_checkpoint(
     history: list[dict[str, float]],
     phases: list[dict[str, Any]],
     elapsed_s: float = 0.0,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"iteration": str(iteration)})
     os.replace(tmp, path)
-    meta = {"iteration": iteration, "phases": phases, "history": history, "elapsed_s": elapsed_s}
+    meta = {
+        "iteration": iteration,
+        "phases": phases,
+        "history": history,
+        "elapsed_s": elapsed_s,
+        "lineage": lineage or [],
+    }
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 def load_checkpoint(
     path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, float]], list[dict[str, Any]], float]:
+) -> tuple[int, list[dict[str, float]], list[dict[str, Any]], float, list[dict[str, Any]]]:
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -231,6 +238,7 @@ def load_checkpoint(
         list(meta["history"]),
         list(meta.get("phases", [])),
         float(meta.get("elapsed_s", 0.0)),
+        list(meta.get("lineage", [])),
     )
 
 
@@ -284,6 +292,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             output=settings.output,  # type: ignore[arg-type]
         )
     net = build_net(arch).to(device).train()
+    lineage: list[dict[str, Any]] = []
     if settings.init_from and not (settings.extra.get("resume") and checkpoint.exists()):
         source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
         if source_entry.arch != arch:
@@ -292,6 +301,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 f"differs from this run's {arch}"
             )
         net.load_state_dict(source.state_dict())
+        lineage = manifest.lineage_of(source_entry)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     needs_vgg = settings.task == "style" or settings.loss == "feat"
@@ -306,7 +316,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
 
     start, history, phases, previous_s = 0, [], [], 0.0
     if settings.extra.get("resume") and checkpoint.exists():
-        start, history, phases, previous_s = load_checkpoint(checkpoint, net, optimizer)
+        start, history, phases, previous_s, lineage = load_checkpoint(checkpoint, net, optimizer)
         log.info("resumed %s at iteration %d", checkpoint, start)
     # A resumed run may change weights or lr (a curriculum); each phase is recorded so the
     # manifest tells exactly how the shipped weights were trained.
@@ -379,11 +389,12 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                     history,
                     phases,
                     previous_s + time.perf_counter() - started,
+                    lineage,
                 )
                 write_run_report(net, objective, sample_photos, history, run_dir, settings, device)
     bar.close()
     wall = previous_s + time.perf_counter() - started
-    save_checkpoint(checkpoint, net, optimizer, iteration, history, phases, wall)
+    save_checkpoint(checkpoint, net, optimizer, iteration, history, phases, wall, lineage)
     if stop.requested:
         log.warning("stopped at iteration %d; checkpoint %s; exporting", iteration, checkpoint)
 
@@ -410,6 +421,8 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             "optimizer": "Adam",
             "interrupted": stop.requested,
             "phases": phases,
+            "lineage": lineage,
+            "total_iterations": iteration + sum(run["iterations"] for run in lineage),
         },
         data={"root": str(settings.data), "images": n_images, "crop": settings.image_size},
         iterations=iteration,

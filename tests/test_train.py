@@ -247,6 +247,30 @@ def test_feature_run_can_start_from_the_pixel_model_with_a_pixel_term(
     assert entry.final_losses["pixel"] > 0
 
 
+def test_fine_tuned_models_record_the_runs_behind_their_weights(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    zoo = tmp_path / "zoo"
+    run(_sr_args(photo_dir, tmp_path, "px", "--loss", "pixel", "--iterations", "2"))
+    parent = read_manifest(zoo).get("px")
+    assert parent.training["lineage"] == [] and parent.training["total_iterations"] == 2
+    # A fine-tune that replaces its own parent's entry (--init-from x --name x), stopped and
+    # resumed: the parent's run is still on record, once, with its own settings.
+    run(_sr_args(photo_dir, tmp_path, "px", "--init-from", "px", "--iterations", "1"))
+    run(_sr_args(photo_dir, tmp_path, "px", "--init-from", "px", "--iterations", "3", "--resume"))
+    child = read_manifest(zoo).get("px")
+    assert [r["name"] for r in child.training["lineage"]] == ["px"]
+    first = child.training["lineage"][0]
+    assert first["sha256"] == parent.sha256 and first["iterations"] == 2
+    assert first["loss"] == "pixel" and first["hardware"] == parent.hardware
+    assert child.iterations == 3 and child.training["total_iterations"] == 5
+    # The chain grows across names: a third run inherits both earlier runs.
+    run(_sr_args(photo_dir, tmp_path, "ft", "--init-from", "px", "--iterations", "1"))
+    grandchild = read_manifest(zoo).get("ft")
+    assert [r["sha256"] for r in grandchild.training["lineage"]] == [parent.sha256, child.sha256]
+    assert grandchild.training["total_iterations"] == 6
+
+
 def test_init_from_a_model_of_another_architecture_is_refused(
     photo_dir: Path, tmp_path: Path
 ) -> None:
