@@ -43,7 +43,7 @@ def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None
             assert training[key] > 0, key
     else:
         assert training["factor"] == entry.factor and training["loss"] == entry.loss
-    # A fine-tuned model records every run behind its weights (model_zoo.train.lineage_of).
+    # A fine-tuned model records every run behind its weights (model_zoo.manifest.lineage_of).
     if training.get("init_from"):
         lineage = training["lineage"]
         assert lineage and lineage[-1]["name"] == training["init_from"]
