@@ -43,10 +43,12 @@ def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None
             assert training[key] > 0, key
     else:
         assert training["factor"] == entry.factor and training["loss"] == entry.loss
-    # A fine-tuned model records every run behind its weights (model_zoo.manifest.lineage_of).
-    if training.get("init_from"):
-        lineage = training["lineage"]
-        assert lineage and lineage[-1]["name"] == training["init_from"]
+    # Every model records the runs behind its weights (model_zoo.manifest.lineage_of): none for
+    # one trained from scratch, the parent's chain for a fine-tune.
+    lineage = training["lineage"]
+    assert bool(lineage) == bool(training.get("init_from"))
+    if lineage:
+        assert lineage[-1]["name"] == training["init_from"]
         assert all(run["iterations"] > 0 and run["hardware"] for run in lineage)
-        total = entry.iterations + sum(run["iterations"] for run in lineage)
-        assert training["total_iterations"] == total
+    total = entry.iterations + sum(run["iterations"] for run in lineage)
+    assert training["total_iterations"] == total
