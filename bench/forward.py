@@ -200,11 +200,12 @@ def _plain(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], tor
     return run
 
 
-def _autocast(dtype_name: str, channels_last: bool, compile_: bool = False) -> Callable[..., Any]:
+def _autocast(precision: str, channels_last: bool, compile_: bool = False) -> Callable[..., Any]:
     def prepare(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         import torch
 
-        dtype = getattr(torch, dtype_name)
+        from model_zoo.hardware import autocast
+
         model = copy.deepcopy(net).to(device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -217,7 +218,7 @@ def _autocast(dtype_name: str, channels_last: bool, compile_: bool = False) -> C
                 x = x.contiguous(memory_format=torch.channels_last)
             with (
                 torch.inference_mode(),
-                torch.autocast(device.type, dtype=dtype),
+                autocast(device, precision),
                 _cudnn_benchmark(True),
             ):
                 return fn(x)
@@ -251,20 +252,20 @@ def variant_table(device: torch.device) -> dict[str, Variant]:
     fp32 = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
     return {
         "fp32": Variant("fp32", fp32, _plain, "naive eager: no_grad, NCHW fp32, no cuDNN autotune"),
-        "bf16": Variant("bf16", "bf16", _autocast("bfloat16", False), "autocast bf16"),
+        "bf16": Variant("bf16", "bf16", _autocast("bf16", False), "autocast bf16"),
         "bf16_cl": Variant(
-            "bf16_cl", "bf16", _autocast("bfloat16", True), "autocast bf16 + channels_last"
+            "bf16_cl", "bf16", _autocast("bf16", True), "autocast bf16 + channels_last"
         ),
-        "fp16": Variant("fp16", "fp16", _autocast("float16", False), "autocast fp16"),
+        "fp16": Variant("fp16", "fp16", _autocast("fp16", False), "autocast fp16"),
         "fp16_cl": Variant(
-            "fp16_cl", "fp16", _autocast("float16", True), "autocast fp16 + channels_last"
+            "fp16_cl", "fp16", _autocast("fp16", True), "autocast fp16 + channels_last"
         ),
         "fp32_compile": Variant("fp32_compile", fp32, _compiled_fp32, "torch.compile fp32"),
         "fp16_compile": Variant(
-            "fp16_compile", "fp16", _autocast("float16", True, True), "compile + fp16 + cl"
+            "fp16_compile", "fp16", _autocast("fp16", True, True), "compile + fp16 + cl"
         ),
         "bf16_compile": Variant(
-            "bf16_compile", "bf16", _autocast("bfloat16", True, True), "compile + bf16 + cl"
+            "bf16_compile", "bf16", _autocast("bf16", True, True), "compile + bf16 + cl"
         ),
         "worker": Variant(
             "worker",
@@ -278,9 +279,9 @@ def variant_table(device: torch.device) -> dict[str, Variant]:
 
 def _worker_precision(device: torch.device) -> str:
     """What the worker's PRECISION=auto picks here (for the peak to compare against)."""
-    from model_zoo.hardware import auto_precision
+    from model_zoo.hardware import resolve_compute
 
-    return auto_precision(device)
+    return resolve_compute(device, "auto").precision
 
 
 def default_variants(device: torch.device) -> list[str]:

@@ -25,7 +25,6 @@ from typing import Literal
 
 Operation = Literal["stylize", "upscale"]
 OutputFormat = Literal["png", "jpeg", "webp"]
-JobState = Literal["queued", "running", "done", "failed"]
 
 CONSUMER_GROUP = "workers"
 

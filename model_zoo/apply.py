@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
 from torch import nn
 
+from model_zoo.hardware import autocast
 from model_zoo.imaging import load_rgb, to_image, to_tensor
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError, load_model
 
@@ -22,10 +22,7 @@ from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError, load_m
 def run_model(net: nn.Module, image: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Forward ``image`` (B x 3 x H x W in [0, 1]) through ``net``; output clamped to [0, 1]."""
     device = next(net.parameters()).device
-    context = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    )
-    with context:
+    with autocast(device, precision):
         output = net(image.to(device))
     return output.float().clamp(0, 1)
 

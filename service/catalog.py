@@ -54,9 +54,6 @@ class ModelCatalog:
                 self._stamp = stamp
             return self._manifest
 
-    def names(self, kind: str) -> list[str]:
-        return self.manifest().names(kind)
-
     def style(self, name: str) -> ModelEntry:
         return self._get(name, "style")
 

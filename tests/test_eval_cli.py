@@ -1,4 +1,4 @@
-"""``python -m model_zoo.eval`` end to end on generated images and a temp zoo of tiny models."""
+"""``python -m evaluation`` end to end on generated images and a temp zoo of tiny models."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo import eval as zoo_eval
+from evaluation import cli as zoo_eval
+from evaluation.metrics import modcrop, sr_scores
+from evaluation.sr import evaluate_sr, make_lr
+from evaluation.style import evaluate_style, square_photo
 from model_zoo.config import StyleNetConfig
 from model_zoo.manifest import read_manifest
-from model_zoo.metrics import modcrop, sr_scores
 from model_zoo.nets import build_net
 from model_zoo.registry import load_model, save_model
 from tests.conftest import add_tiny_pixel_sr
@@ -109,11 +111,11 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
 
 def test_sr_scores_use_the_training_degradation(sr_zoo: Path, bench: Path) -> None:
     """The bicubic row equals a recomputation through data.degrade + uint8 + PIL bicubic."""
-    from model_zoo.data import degrade
+    from evaluation.metrics import bicubic_upscale
     from model_zoo.imaging import load_rgb, to_image, to_tensor
-    from model_zoo.metrics import bicubic_upscale
+    from training.data import degrade
 
-    rows = zoo_eval.evaluate_sr(["x4"], ["SetA"], bench, root=str(sr_zoo), limit=1)
+    rows = evaluate_sr(["x4"], ["SetA"], bench, root=str(sr_zoo), limit=1)
     hr = modcrop(load_rgb(bench / "SetA" / "img0.png"), 4)
     lr = to_image(degrade(to_tensor(hr), 4))
     expected = sr_scores(bicubic_upscale(lr, 4), hr, 4)
@@ -236,13 +238,13 @@ def test_style_objective_of_the_feed_forward_output_is_the_gatys_objective(
     style_zoo: Path, bench: Path
 ) -> None:
     """The feed-forward score is the same function the baseline minimises, on the same image."""
+    from evaluation.gatys import objective_for, settings_from_entry
     from model_zoo.apply import run_model
-    from model_zoo.gatys import objective_for, settings_from_entry
     from model_zoo.imaging import load_rgb, to_tensor
-    from model_zoo.vgg import VGG16Features
+    from training.vgg import VGG16Features
 
     vgg = VGG16Features()
-    results = zoo_eval.evaluate_style(
+    results = evaluate_style(
         ["tiny_style"],
         bench / "SetB",
         [32],
@@ -255,7 +257,7 @@ def test_style_objective_of_the_feed_forward_output_is_the_gatys_objective(
     )
     photo = results["tiny_style"]["32"]["per_photo"][0]
     net, entry = load_model("tiny_style", root=style_zoo)
-    content = to_tensor(zoo_eval.square_photo(load_rgb(bench / "SetB" / photo["photo"]), 32))
+    content = to_tensor(square_photo(load_rgb(bench / "SetB" / photo["photo"]), 32))
     objective = objective_for(settings_from_entry(entry), content, vgg)
     assert photo["ff_objective"] == pytest.approx(
         objective.value(run_model(net, content)), rel=1e-5
@@ -295,4 +297,4 @@ def test_plain_bicubic_protocol_is_stored_beside_the_main_numbers(
     assert side["bicubic"]["psnr"] > main["bicubic"]["psnr"]
     assert metrics["sr_bicubic_lr"]["protocol"]["lr"].startswith("bicubic")
     hr = modcrop(Image.open(bench / "SetA" / "img0.png").convert("RGB"), 4)
-    assert zoo_eval.make_lr(hr, 4, "bicubic").size == (hr.width // 4, hr.height // 4)
+    assert make_lr(hr, 4, "bicubic").size == (hr.width // 4, hr.height // 4)

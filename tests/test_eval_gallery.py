@@ -1,4 +1,4 @@
-"""``python -m model_zoo.gallery`` on tiny models: both JPEGs, their layout, the crop choice."""
+"""``python -m evaluation gallery`` on tiny models: both JPEGs, their layout, the crop choice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_zoo import gallery
+from evaluation import cli, gallery
 from tests.conftest import add_tiny_pixel_sr
 
 
@@ -23,8 +23,9 @@ def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
     photos = [_photo(tmp_path / f"p{i}.png", 60 + i, 50, i) for i in range(3)]
     sr_photo = _photo(tmp_path / "sr.png", 72, 64, 9)
     styles_out, sr_out = tmp_path / "out" / "styles.jpg", tmp_path / "out" / "sr.jpg"
-    rc = gallery.main(
+    rc = cli.main(
         [
+            "gallery",
             "--zoo",
             str(tiny_zoo),
             "--photos",
@@ -77,6 +78,6 @@ def test_crop_goes_where_the_texture_is() -> None:
 def test_missing_photos_are_an_error(
     tiny_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = gallery.main(["--zoo", str(tiny_zoo), "--photos", str(tmp_path / "nope.jpg")])
+    rc = cli.main(["gallery", "--zoo", str(tiny_zoo), "--photos", str(tmp_path / "nope.jpg")])
     assert rc == 2
     assert "nope.jpg" in capsys.readouterr().err

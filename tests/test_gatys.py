@@ -10,18 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.config import SRNetConfig, StyleNetConfig
-from model_zoo.gatys import (
+from evaluation.gatys import (
     JointObjective,
     objective_for,
     run_lbfgs,
     settings_from_entry,
     stylize,
 )
+from model_zoo.config import SRNetConfig, StyleNetConfig
 from model_zoo.imaging import to_tensor
 from model_zoo.manifest import ModelEntry
-from model_zoo.train import StyleObjective, TrainSettings
-from model_zoo.vgg import VGG16Features
+from training.tasks.style import StyleSettings, StyleTask
+from training.vgg import VGG16Features
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,11 @@ def vgg() -> VGG16Features:
 
 
 @pytest.fixture()
-def style_settings(tmp_path: Path) -> TrainSettings:
+def style_settings(tmp_path: Path) -> StyleSettings:
     rng = np.random.default_rng(0)
     path = tmp_path / "style.png"
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
-    return TrainSettings(
+    return StyleSettings(
         task="style",
         name="t",
         data="",
@@ -53,13 +53,14 @@ def content_image(size: int = 32) -> torch.Tensor:
     return torch.stack([base, base.flip(0), base.flip(1)]).unsqueeze(0).float()
 
 
-def test_objective_equals_the_trainers(style_settings: TrainSettings, vgg: VGG16Features) -> None:
+def test_objective_equals_the_trainers(style_settings: StyleSettings, vgg: VGG16Features) -> None:
     content = content_image()
     objective = objective_for(style_settings, content, vgg)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    trainer_total, trainer_terms = StyleObjective(style_settings, vgg, content.device)(
-        image, content
-    )
+    task = StyleTask(style_settings)
+    task.prepare(vgg, content.device)
+    # The trainer's loss with a "net" whose output is the image being scored.
+    trainer_total, trainer_terms = task.loss(lambda _: image, content)
     assert objective.value(image) == pytest.approx(float(trainer_total), rel=1e-5)
     terms = objective.terms(image)
     for key in ("content", "style", "tv"):
@@ -72,7 +73,7 @@ def test_objective_equals_the_trainers(style_settings: TrainSettings, vgg: VGG16
 
 @pytest.mark.parametrize("init", ["content", "noise"])
 def test_lbfgs_decreases_the_objective(
-    style_settings: TrainSettings, vgg: VGG16Features, init: str
+    style_settings: StyleSettings, vgg: VGG16Features, init: str
 ) -> None:
     objective = objective_for(style_settings, content_image(), vgg)
     result = stylize(objective, 12, init=init, seed=0)  # type: ignore[arg-type]
@@ -92,7 +93,7 @@ def test_lbfgs_decreases_the_objective(
 
 
 def test_lbfgs_with_line_search_never_goes_up(
-    style_settings: TrainSettings, vgg: VGG16Features
+    style_settings: StyleSettings, vgg: VGG16Features
 ) -> None:
     objective = objective_for(style_settings, content_image(), vgg)
     result = stylize(objective, 6, init="content", line_search="strong_wolfe")
@@ -101,7 +102,7 @@ def test_lbfgs_with_line_search_never_goes_up(
 
 
 def test_noise_init_is_seeded_and_differs_from_content(
-    style_settings: TrainSettings, vgg: VGG16Features
+    style_settings: StyleSettings, vgg: VGG16Features
 ) -> None:
     objective = objective_for(style_settings, content_image(), vgg)
     a = stylize(objective, 0, init="noise", seed=3)
@@ -112,7 +113,7 @@ def test_noise_init_is_seeded_and_differs_from_content(
 
 
 def test_photos_loaded_channels_last_can_be_optimised(
-    style_settings: TrainSettings, vgg: VGG16Features
+    style_settings: StyleSettings, vgg: VGG16Features
 ) -> None:
     photo = Image.fromarray((content_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
     content = to_tensor(photo)
@@ -130,7 +131,7 @@ def test_lbfgs_solves_a_quadratic() -> None:
 
 
 def test_objective_rejects_a_mismatched_image(
-    style_settings: TrainSettings, vgg: VGG16Features
+    style_settings: StyleSettings, vgg: VGG16Features
 ) -> None:
     objective: JointObjective = objective_for(style_settings, content_image(), vgg)
     with pytest.raises(ValueError):
@@ -142,7 +143,7 @@ def _entry(kind: str, training: dict[str, object]) -> ModelEntry:
     return ModelEntry(name="m", kind=kind, arch=arch, weights="w", sha256="0", training=training)
 
 
-def test_settings_come_from_the_manifest_record(style_settings: TrainSettings) -> None:
+def test_settings_come_from_the_manifest_record(style_settings: StyleSettings) -> None:
     record = {
         "content_weight": 2e5,
         "style_weight": 3e10,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_zoo.losses import feature_loss, gram_matrix, pixel_loss, style_loss, tv_loss
+from training.losses import feature_loss, gram_matrix, pixel_loss, style_loss, tv_loss
 
 
 def test_gram_matrix_normalised_by_chw() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from evaluation.lpips import LPIPS
 from model_zoo.imaging import to_tensor
-from model_zoo.lpips import LPIPS
 
 
 @pytest.fixture(scope="module")

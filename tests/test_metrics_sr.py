@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from model_zoo.metrics import (
+from evaluation.metrics import (
     as_rgb01,
     bicubic_upscale,
     modcrop,

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo import train
-from model_zoo.data import ImageFolderCrops, degrade
 from model_zoo.manifest import read_manifest
 from model_zoo.registry import load_model, sha256_file
+from training import cli as train
+from training.data import ImageFolderCrops, degrade
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_ctrl_c_leaves_checkpoint_and_usable_model(photo_dir: Path, tmp_path: Pa
         [
             sys.executable,
             "-m",
-            "model_zoo.train",
+            "training",
             "sr",
             "--name",
             "x4",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_zoo import vgg
-from model_zoo.vgg import (
+from training import vgg
+from training.vgg import (
     CONV_INDICES,
     UnsafeCheckpointError,
     VGG16Features,

@@ -27,7 +27,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model_zoo.hardware import Precision, auto_precision
+from model_zoo.hardware import Compute, Precision, resolve_compute
 from model_zoo.imaging import tensor_to_uint8
 from model_zoo.manifest import ModelEntry
 from model_zoo.registry import list_models, load_model
@@ -57,22 +56,6 @@ from worker.tiling import Tile, TileAccumulator, TilePlan, auto_overlap, plan_ti
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGE = Path(__file__).with_name("calibration.png")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE=cuda but CUDA is not available")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """``auto``: fp16 on CUDA; bf16 on a CPU with native bf16 (else bf16 is emulated and slower
-    than fp32, so fp32)."""
-    if precision != "auto":
-        return precision  # type: ignore[return-value]
-    return auto_precision(device)
 
 
 def resolve_batch_pixels(value: int | Literal["auto"], device: torch.device) -> int:
@@ -162,8 +145,9 @@ class Engine:
         tile_stats_size: int = 1024,
     ) -> None:
         self.zoo_dir = Path(zoo_dir) if zoo_dir is not None else None
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        # auto: fp16 on CUDA; bf16 on a CPU with native bf16 (emulated bf16 is slower than fp32)
+        compute = resolve_compute(device, precision, cuda_precision="fp16")
+        self.device, self.precision = compute.device, compute.precision
         self.min_psnr_db = min_psnr_db
         self.max_batch = max_batch
         self.max_batch_pixels = resolve_batch_pixels(max_batch_pixels, self.device)
@@ -283,12 +267,6 @@ class Engine:
 
     # ------------------------------------------------------------------------- forward
 
-    def _autocast(self, precision: Precision) -> AbstractContextManager[object]:
-        if precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def _forward(
         self,
         model: LoadedModel,
@@ -310,7 +288,7 @@ class Engine:
                 canvas[i, :, : heights[i], : widths[i]] = t[0]
         canvas = canvas.contiguous(memory_format=torch.channels_last)
         f = model.factor
-        with torch.inference_mode(), self._autocast(model.precision):
+        with torch.inference_mode(), Compute(self.device, model.precision).autocast():
             if model.ragged is None:
                 out = model.net(canvas)
                 stats = None

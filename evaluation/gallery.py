@@ -1,15 +1,15 @@
-"""``python -m model_zoo.gallery``: the two pictures in ``docs/`` that show what the zoo does.
+"""``python -m evaluation gallery``: the two pictures in ``docs/`` that show what the zoo does.
 
 * ``docs/gallery_styles.jpg``: every style model of the zoo on three photos (rows), the photo
   itself in the first column.
 * ``docs/gallery_sr.jpg``: for each SR factor, crops of bicubic / pixel-loss model /
   feature-loss model / HR, enlarged with nearest-neighbour so the pixels stay visible. The LR
-  input is made with the training degradation (``model_zoo.data.degrade``), as in evaluation.
+  input is made with the training degradation (``training.data.degrade``), as in evaluation.
 
 The default photos are Kodak images: they are the only photos in ``../shared/data`` that may be
 redistributed (the benchmark sets may not), which matters for a file committed to the
 repository. They are part of the training set, so the gallery illustrates rather than proves;
-the held-out numbers are in the evaluation tables (``python -m model_zoo.eval``).
+the held-out numbers are in the evaluation tables (``python -m evaluation``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from evaluation.metrics import bicubic_upscale, modcrop, rgb_to_y
+from evaluation.sr import make_lr
+from evaluation.style import square_photo
 from model_zoo import registry
 from model_zoo.apply import run_model
-from model_zoo.eval import make_lr, square_photo
 from model_zoo.imaging import load_rgb, to_image, to_tensor
 from model_zoo.manifest import ModelEntry
-from model_zoo.metrics import bicubic_upscale, modcrop, rgb_to_y
 
-log = logging.getLogger("model_zoo.gallery")
+log = logging.getLogger("evaluation.gallery")
 
 KODAK = Path(__file__).resolve().parent.parent.parent / "shared/data/train/kodak_nonholdout"
 DEFAULT_STYLE_PHOTOS = [KODAK / "kodim15.jpg", KODAK / "kodim21.jpg", KODAK / "kodim08.jpg"]
@@ -163,8 +164,7 @@ def sr_gallery(
     return labelled_grid(rows, cell)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_zoo.gallery", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoo", default=None, help="zoo folder (default: $MODEL_ZOO_DIR or ours)")
     parser.add_argument("--photos", nargs="+", type=Path, default=DEFAULT_STYLE_PHOTOS)
     parser.add_argument("--sr-photos", nargs="+", type=Path, default=DEFAULT_SR_PHOTOS)
@@ -176,12 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sr-cell", type=int, default=160, help="SR tile size in the grid (px)")
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in [*args.photos, *args.sr_photos] if not p.exists()]
     if missing:
         print(f"error: photos not found: {', '.join(missing)}", file=sys.stderr)
@@ -215,7 +212,3 @@ def main(argv: list[str] | None = None) -> int:
         total += save_jpeg(grid, args.sr_out, args.quality)
     print(f"gallery: {total / 1024:.0f} KB in total")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

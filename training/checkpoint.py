@@ -1,0 +1,103 @@
+"""Run checkpoints: safetensors (model + Adam state) plus JSON, so resuming never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class RunState:
+    """Everything besides the tensors that a resumed run continues from."""
+
+    iteration: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    """Training time of the sessions before this one (the checkpoint's total at resume)."""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors
+
+
+def save_checkpoint(
+    path: Path,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: RunState,
+    elapsed_s: float,
+) -> None:
+    """Write atomically: a run killed mid-write keeps its previous checkpoint. ``elapsed_s`` is
+    the run's training time so far, over every session that resumed it."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update(_optimizer_tensors(optimizer))
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"iteration": str(state.iteration)})
+    os.replace(tmp, path)
+    meta = {
+        "iteration": state.iteration,
+        "phases": state.phases,
+        "history": state.history,
+        "elapsed_s": elapsed_s,
+        "lineage": state.lineage,
+    }
+    meta_tmp = path.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(meta_tmp, path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return RunState(
+        iteration=int(meta["iteration"]),
+        history=list(meta["history"]),
+        phases=list(meta.get("phases", [])),
+        elapsed_s=float(meta.get("elapsed_s", 0.0)),
+        lineage=list(meta.get("lineage", [])),
+    )
+
+
+class StopRequested:
+    """Turns Ctrl-C / SIGTERM into a flag checked between steps, so no step is half-applied."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopRequested:
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,211 @@
+"""The training loop every model family shares (what differs is a ``training.tasks`` task).
+
+Checkpoints are safetensors plus JSON (``training.checkpoint``), so resuming never unpickles.
+Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exports the model as
+trained so far into the zoo, so an interrupted run is still usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model_zoo import manifest, registry
+from model_zoo.hardware import Compute, hardware_description, resolve_compute
+from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
+from training.data import ImageFolderCrops, InfiniteSampler
+from training.report import save_loss_curve
+from training.settings import RUNTIME_ONLY, TrainSettings
+from training.tasks import TASKS, TrainingTask
+from training.vgg import VGG16Features
+
+log = logging.getLogger("training")
+
+
+def task_for(settings: TrainSettings) -> TrainingTask:
+    try:
+        return TASKS[settings.task](settings)
+    except KeyError:
+        raise ValueError(f"unknown task {settings.task!r}; known: {sorted(TASKS)}") from None
+
+
+def _batches(loader: DataLoader[torch.Tensor]) -> Iterator[torch.Tensor]:
+    while True:
+        yield from loader
+
+
+def _record_phase(task: TrainingTask, state: RunState) -> None:
+    """A resumed run may change weights or lr (a curriculum); each phase is recorded so the
+    manifest tells exactly how the shipped weights were trained."""
+    phase = {"from_iteration": state.iteration, **task.phase()}
+    last = {k: v for k, v in (state.phases[-1] if state.phases else {}).items()}
+    last.pop("from_iteration", None)
+    if not state.phases or last != task.phase():
+        state.phases.append(phase)
+
+
+def train(settings: TrainSettings) -> registry.ModelEntry:
+    """Run (or resume) one training run and write the model into the zoo."""
+    task = task_for(settings)
+    torch.manual_seed(settings.seed)
+    compute = resolve_compute(settings.device, settings.precision, cuda_precision="bf16")
+    device = compute.device
+    run_dir = Path(settings.run_dir) / settings.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "checkpoint.safetensors"
+    resuming = settings.resume and checkpoint.exists()
+
+    net = task.build_net().to(device).train()
+    state = RunState()
+    if settings.init_from and not resuming:
+        source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
+        task.init_from(net, source, source_entry)
+        state.lineage = manifest.lineage_of(source_entry)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    vgg = VGG16Features(settings.vgg_weights).to(device) if task.needs_vgg else None
+    task.prepare(vgg, device)
+    optimizer = torch.optim.Adam(task.trainable_parameters(net), lr=settings.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+
+    if resuming:
+        state = load_checkpoint(checkpoint, net, optimizer)
+        log.info("resumed %s at iteration %d", checkpoint, state.iteration)
+    _record_phase(task, state)
+    start = state.iteration
+
+    dataset = ImageFolderCrops(settings.data, settings.image_size, seed=settings.seed + start)
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=InfiniteSampler(len(dataset), settings.seed + start),
+        num_workers=int(settings.extra.get("workers", 0)),
+        drop_last=True,
+    )
+    batches = _batches(loader)
+    picks = dataset.files[:: max(1, len(dataset) // 4)]
+    sample_photos = [img for img in map(dataset.load, picks) if img is not None][:4]
+    started = time.perf_counter()
+    bar = tqdm(
+        total=settings.iterations,
+        initial=start,
+        desc=f"{settings.task}:{settings.name}",
+        unit="it",
+        dynamic_ncols=True,
+        disable=settings.extra.get("quiet", False),
+    )
+
+    def elapsed() -> float:
+        return state.elapsed_s + time.perf_counter() - started
+
+    with StopRequested() as stop:
+        while state.iteration < settings.iterations and not stop.requested:
+            step_start = time.perf_counter()
+            batch = next(batches).to(device, non_blocking=True)
+            with compute.autocast():
+                loss, terms = task.loss(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.iteration += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at iteration {state.iteration}")
+            step_time = time.perf_counter() - step_start
+            state.history.append({"iteration": state.iteration, "total": value, **terms})
+            bar.update(1)
+            if state.iteration % settings.log_every == 0 or state.iteration == settings.iterations:
+                bar.set_postfix(
+                    {k: f"{v:.3g}" for k, v in terms.items()}
+                    | {"img/s": f"{settings.batch_size / step_time:.2f}"}
+                )
+            if state.iteration % settings.checkpoint_every == 0:
+                save_checkpoint(checkpoint, net, optimizer, state, elapsed())
+                write_run_report(task, net, sample_photos, state.history, run_dir, device)
+    bar.close()
+    wall = elapsed()
+    save_checkpoint(checkpoint, net, optimizer, state, wall)
+    if stop.requested:
+        log.warning(
+            "stopped at iteration %d; checkpoint %s; exporting", state.iteration, checkpoint
+        )
+    write_run_report(task, net, sample_photos, state.history, run_dir, device)
+    entry = export(task, net, state, compute, wall, dataset, interrupted=stop.requested)
+    log.info(
+        "wrote %s (%s) to the zoo after %d iterations",
+        entry.name,
+        entry.sha256[:12],
+        state.iteration,
+    )
+    return entry
+
+
+def export(
+    task: TrainingTask,
+    net: nn.Module,
+    state: RunState,
+    compute: Compute,
+    wall: float,
+    dataset: ImageFolderCrops,
+    *,
+    interrupted: bool,
+) -> registry.ModelEntry:
+    """Write the net and its manifest entry (every setting, phase and earlier run) to the zoo."""
+    settings = task.settings
+    net.eval()
+    recent = state.history[-50:] or [{}]
+    final = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0] if k != "iteration"}
+    record: dict[str, Any] = {
+        k: v for k, v in asdict(settings).items() if k not in RUNTIME_ONLY
+    } | {
+        "precision": compute.precision,
+        "optimizer": "Adam",
+        "interrupted": interrupted,
+        "phases": state.phases,
+        "lineage": state.lineage,
+        "total_iterations": state.iteration + sum(run["iterations"] for run in state.lineage),
+    }
+    n_images = len(dataset.files) - len(dataset.bad)
+    return registry.save_model(
+        net.cpu(),
+        name=settings.name,
+        kind=task.kind,
+        arch=task.architecture(),
+        root=settings.zoo,
+        training=record,
+        data={"root": str(settings.data), "images": n_images, "crop": settings.image_size},
+        iterations=state.iteration,
+        final_losses=final,
+        hardware=hardware_description(compute.device),
+        wall_time_s=round(wall, 1),
+        **task.manifest_fields(),
+    )
+
+
+def write_run_report(
+    task: TrainingTask,
+    net: nn.Module,
+    photos: list[Image.Image],
+    history: list[dict[str, float]],
+    run_dir: Path,
+    device: torch.device,
+) -> None:
+    """Sample grids and the loss curve, rewritten at every checkpoint so a run can be judged
+    (and its weights changed with ``--resume``) while it trains, not only after it ends."""
+    was_training = net.training
+    net.eval()
+    task.write_samples(net, photos, run_dir, device)
+    save_loss_curve(history, run_dir / "loss_curve.png")
+    net.train(was_training)

@@ -1,0 +1,11 @@
+"""The model families the trainer knows: subcommand name -> task class."""
+
+from __future__ import annotations
+
+from training.tasks.base import TrainingTask
+from training.tasks.sr import SRSettings, SRTask
+from training.tasks.style import StyleSettings, StyleTask
+
+TASKS: dict[str, type[TrainingTask]] = {task.name: task for task in (StyleTask, SRTask)}
+
+__all__ = ["TASKS", "SRSettings", "SRTask", "StyleSettings", "StyleTask", "TrainingTask"]
