@@ -27,9 +27,9 @@ from evaluation.metrics import bicubic_upscale, modcrop, rgb_to_y
 from evaluation.sr import make_lr
 from evaluation.style import square_photo
 from model_zoo import registry
-from model_zoo.apply import run_model
 from model_zoo.imaging import load_rgb, to_image, to_tensor
 from model_zoo.manifest import ModelEntry
+from model_zoo.reference import run_model
 
 log = logging.getLogger("evaluation.gallery")
 

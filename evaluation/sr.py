@@ -28,10 +28,10 @@ from evaluation.common import EvalError, fmt, load_model_of_kind
 from evaluation.lpips import LPIPS
 from evaluation.metrics import bicubic_upscale, modcrop, sr_scores
 from model_zoo import registry
-from model_zoo.apply import run_model
 from model_zoo.hardware import auto_precision, autocast
 from model_zoo.imaging import load_rgb, to_image, to_tensor
 from model_zoo.manifest import ModelEntry
+from model_zoo.reference import run_model
 from training.data import degrade, find_images
 
 log = logging.getLogger("evaluation.sr")

@@ -34,9 +34,9 @@ from evaluation.gatys import (
     stylize,
 )
 from model_zoo import registry
-from model_zoo.apply import run_model
 from model_zoo.hardware import Compute, auto_precision
 from model_zoo.imaging import load_rgb, to_tensor
+from model_zoo.reference import run_model
 from training.data import find_images
 from training.tasks.style import StyleSettings
 from training.vgg import VGG16Features

@@ -63,6 +63,44 @@ class Keys:
         return f"{self.prefix}:worker:*"
 
 
+@dataclass(frozen=True)
+class StyleControls:
+    """How a style job is conditioned: the conditional net's slot weights, strength and
+    colour keeping (``model_zoo.styles`` resolves them from names; the worker applies them)."""
+
+    slots: tuple[tuple[int, float], ...] = ()
+    """(slot index, weight) summing to 1; empty for a single-style net."""
+    identity: int | None = None
+    """The net's identity slot (what ``strength`` < 1 mixes in); None: blend pixels."""
+    strength: float = 1.0
+    keep_colors: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "slots": [list(pair) for pair in self.slots],
+                "identity": self.identity,
+                "strength": self.strength,
+                "keep_colors": self.keep_colors,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> StyleControls:
+        data = json.loads(text)
+        controls = cls(
+            slots=tuple((int(i), float(w)) for i, w in data.get("slots", [])),
+            identity=None if data.get("identity") is None else int(data["identity"]),
+            strength=float(data.get("strength", 1.0)),
+            keep_colors=bool(data.get("keep_colors", False)),
+        )
+        if not 0.0 <= controls.strength <= 1.0:
+            raise ValueError(f"strength {controls.strength} outside [0, 1]")
+        if any(i < 0 or w < 0 for i, w in controls.slots):
+            raise ValueError("negative slot index or weight")
+        return controls
+
+
 @dataclass
 class Job:
     """One image to transform. Pixels travel decoded (uint8, HxWxC row-major, C=3 or 4) so the
@@ -76,6 +114,7 @@ class Job:
     pixels: bytes
     output_format: OutputFormat = "png"
     deadline: float = 0.0
+    controls: StyleControls = field(default_factory=StyleControls)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
 
@@ -91,6 +130,7 @@ class Job:
             "output_format": self.output_format,
             "deadline": repr(self.deadline),
             "enqueued_at": repr(self.enqueued_at),
+            "controls": self.controls.to_json(),
         }
 
     @classmethod
@@ -109,8 +149,11 @@ class Job:
                 output_format=text["output_format"].decode(),  # type: ignore[arg-type]
                 deadline=float(text["deadline"]),
                 enqueued_at=float(text["enqueued_at"]),
+                controls=StyleControls.from_json(text["controls"].decode())
+                if "controls" in text
+                else StyleControls(),
             )
-        except (KeyError, UnicodeDecodeError, ValueError) as exc:
+        except (KeyError, UnicodeDecodeError, ValueError, TypeError) as exc:
             raise ValueError(f"malformed job entry: {exc!r}") from exc
         if job.channels not in (3, 4) or len(job.pixels) != job.width * job.height * job.channels:
             raise ValueError("pixel buffer does not match width x height x channels")

@@ -56,4 +56,29 @@ class SRNetConfig(BaseModel):
     output: SROutput = "tanh"
 
 
-ArchConfig = Annotated[StyleNetConfig | SRNetConfig, Field(discriminator="kind")]
+class MultiStyleNetConfig(BaseModel):
+    """One net for many styles (Dumoulin, Shlens, Kudlur 2017): the Johnson generator with
+    conditional instance norm. Every convolution is shared; each normalisation layer keeps one
+    scale and shift per style slot, and a forward pass takes per-sample style weights (a
+    one-hot row picks a style, a convex row mixes styles), so requests for different styles
+    share one pass.
+
+    ``channels`` are the widths of the full-, half- and quarter-resolution stages;
+    ``outer_kernel`` the first and last convs' kernel (the paper's 9). Which widths ship is a
+    measured choice (README, "The multi-style net").
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["multistyle"] = "multistyle"
+    num_styles: int = Field(ge=1, le=256)
+    channels: tuple[int, int, int] = (16, 32, 64)
+    num_residual: int = Field(5, ge=0, le=32)
+    outer_kernel: Literal[3, 5, 7, 9] = 9
+    upsample: Upsample = "nearest+conv"
+    output: OutputSquash = "sigmoid"
+
+
+ArchConfig = Annotated[
+    StyleNetConfig | SRNetConfig | MultiStyleNetConfig, Field(discriminator="kind")
+]

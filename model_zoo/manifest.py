@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model_zoo.config import ArchConfig
+from model_zoo.config import ArchConfig, MultiStyleNetConfig
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_DIR = "weights"
@@ -29,12 +30,34 @@ def zoo_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_ZOO_DIR
 
 
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+
+
+class StyleSlot(BaseModel):
+    """One style of a multi-style net: the name users ask for and its row of the conditional
+    instance-norm tables, with what it was trained on and how good it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    index: int = Field(ge=0)
+    role: Literal["style", "identity"] = "style"
+    """``identity`` reproduces the photo; ``strength`` interpolates towards it."""
+    public: bool = True
+    """False keeps the slot in the net but does not offer it (e.g. while an older single-style
+    net of that name still ships because it is better)."""
+    style_image: str = ""
+    style_weight: float | None = None
+    description: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelEntry(BaseModel):
     """One model of the zoo. ``weights`` is relative to the zoo folder."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["style", "sr"]
     factor: int | None = None
     loss: str | None = None
@@ -51,6 +74,42 @@ class ModelEntry(BaseModel):
     wall_time_s: float = 0.0
     created: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
+    styles: list[StyleSlot] = Field(default_factory=list)
+    """Multi-style nets only: every slot of the conditional tables."""
+
+    @model_validator(mode="after")
+    def _slots_fit_the_net(self) -> ModelEntry:
+        if not isinstance(self.arch, MultiStyleNetConfig):
+            if self.styles:
+                raise ValueError(f"{self.name}: only multi-style nets have style slots")
+            return self
+        indices = [slot.index for slot in self.styles]
+        names = [slot.name for slot in self.styles]
+        if len(set(indices)) != len(indices) or len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: style slots repeat an index or a name")
+        if any(i >= self.arch.num_styles for i in indices):
+            raise ValueError(
+                f"{self.name}: a style slot is beyond the net's {self.arch.num_styles}"
+            )
+        if sum(slot.role == "identity" for slot in self.styles) > 1:
+            raise ValueError(f"{self.name}: more than one identity slot")
+        return self
+
+    @property
+    def identity_index(self) -> int | None:
+        return next((s.index for s in self.styles if s.role == "identity"), None)
+
+
+@dataclass(frozen=True)
+class StyleRef:
+    """Where a public style name lives: a single-style net, or a slot of a multi-style net."""
+
+    style: str
+    model: str
+    index: int | None
+    """The slot in the conditional tables; None for a single-style net."""
+    identity: int | None
+    """The net's identity slot (what ``strength`` < 1 mixes in); None if it has none."""
 
 
 class Manifest(BaseModel):
@@ -58,6 +117,37 @@ class Manifest(BaseModel):
 
     version: int = 1
     models: list[ModelEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _style_names_are_unique(self) -> Manifest:
+        seen: dict[str, str] = {}
+        for ref in self._style_refs():
+            if ref.style in seen:
+                raise ValueError(
+                    f"style {ref.style!r} is offered by both {seen[ref.style]!r} and "
+                    f"{ref.model!r}; make one of the slots private (public: false)"
+                )
+            seen[ref.style] = ref.model
+        return self
+
+    def _style_refs(self) -> list[StyleRef]:
+        refs = []
+        for entry in self.models:
+            if entry.kind != "style":
+                continue
+            if not entry.styles:
+                refs.append(StyleRef(entry.name, entry.name, None, None))
+                continue
+            refs += [
+                StyleRef(slot.name, entry.name, slot.index, entry.identity_index)
+                for slot in entry.styles
+                if slot.public and slot.role == "style"
+            ]
+        return refs
+
+    def styles(self) -> dict[str, StyleRef]:
+        """Every style users can ask for, by name (single-style nets and public slots)."""
+        return {ref.style: ref for ref in self._style_refs()}
 
     def get(self, name: str) -> ModelEntry:
         for entry in self.models:

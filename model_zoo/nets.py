@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_zoo.config import ArchConfig, Norm, OutputSquash, SRNetConfig, StyleNetConfig, Upsample
+from model_zoo.config import (
+    ArchConfig,
+    MultiStyleNetConfig,
+    Norm,
+    OutputSquash,
+    SRNetConfig,
+    StyleNetConfig,
+    Upsample,
+)
 
 
 def _norm_layer(kind: Norm, channels: int) -> nn.Module:
@@ -197,8 +205,125 @@ class BicubicUpsample(nn.Module):
         return y[..., m * f : m * f + height * f, m * f : m * f + width * f]
 
 
+class ConditionalInstanceNorm2d(nn.Module):
+    """Instance norm whose scale and shift are a per-sample mix of per-style rows.
+
+    ``weights`` (N x S) picks each sample's style (one-hot) or mixes styles (a convex row): the
+    scale and shift are ``weights @ table``, the convex combination of the styles' parameters
+    (Dumoulin et al.'s interpolation). The normalisation itself is a plain
+    ``nn.InstanceNorm2d`` child without affine parameters, so ``worker.ragged`` can make it exact
+    for padded batches and give tiles frozen statistics, as for the single-style nets; the
+    affine part is pointwise. Both are computed in float32: bf16 would round the statistics.
+    """
+
+    def __init__(self, channels: int, num_styles: int) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(channels, affine=False)
+        self.scale = nn.Parameter(torch.ones(num_styles, channels))
+        self.shift = nn.Parameter(torch.zeros(num_styles, channels))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        scale = (weights.float() @ self.scale.float())[:, :, None, None]
+        shift = (weights.float() @ self.shift.float())[:, :, None, None]
+        return (self.norm(x).float() * scale + shift).to(x.dtype)
+
+
+class CINConv(nn.Module):
+    """Reflection-padded conv, conditional instance norm, optional ReLU; optionally after a
+    nearest x2 upsampling (no checkerboard artefacts)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        num_styles: int,
+        *,
+        stride: int = 1,
+        relu: bool = True,
+        upsample: bool = False,
+    ) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.conv = ConvLayer(in_ch, out_ch, kernel, stride)
+        self.norm = ConditionalInstanceNorm2d(out_ch, num_styles)
+        self.act: nn.Module = nn.ReLU(inplace=True) if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.act(self.norm(self.conv(x), weights))
+
+
+class CINResidualBlock(nn.Module):
+    def __init__(self, channels: int, num_styles: int) -> None:
+        super().__init__()
+        self.first = CINConv(channels, channels, 3, num_styles)
+        self.second = CINConv(channels, channels, 3, num_styles, relu=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return x + self.second(self.first(x, weights), weights)
+
+
+class MultiStyleNet(nn.Module):
+    """The Johnson generator with conditional instance norm after every conv (the last one
+    included, as in Magenta's net: each style then sets its own output colour balance).
+
+    ``forward(x, style_weights)``: x is N x 3 x H x W in [0, 1]; ``style_weights`` N x S rows
+    (one-hot, or a convex mix of styles); None means style slot 0 for every sample, which
+    keeps code that probes a net with ``net(x)`` (receptive field, calibration) working.
+    """
+
+    def __init__(self, config: MultiStyleNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c1, c2, c3 = config.channels
+        s, k = config.num_styles, config.outer_kernel
+        self.encoder = nn.ModuleList(
+            [
+                CINConv(3, c1, k, s),
+                CINConv(c1, c2, 3, s, stride=2),
+                CINConv(c2, c3, 3, s, stride=2),
+            ]
+        )
+        self.residuals = nn.ModuleList(
+            [CINResidualBlock(c3, s) for _ in range(config.num_residual)]
+        )
+        self.decoder = nn.ModuleList(
+            [
+                CINConv(c3, c2, 3, s, upsample=True),
+                CINConv(c2, c1, 3, s, upsample=True),
+                CINConv(c1, 3, k, s, relu=False),
+            ]
+        )
+
+    def one_hot(self, index: int | torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """Style weights that pick slot ``index`` for every sample."""
+        weights = torch.zeros(
+            batch, self.config.num_styles, device=self.decoder[-1].norm.scale.device
+        )
+        weights[:, index] = 1.0
+        return weights
+
+    def forward(self, x: torch.Tensor, style_weights: torch.Tensor | None = None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if style_weights is None:
+            style_weights = self.one_hot(0, x.shape[0])
+        if style_weights.shape != (x.shape[0], self.config.num_styles):
+            raise ValueError(
+                f"style weights of shape {tuple(style_weights.shape)} for a batch of "
+                f"{x.shape[0]} and {self.config.num_styles} styles"
+            )
+        x = pad_to_valid(x, multiple=4, minimum=8)
+        for layer in [*self.encoder, *self.residuals, *self.decoder]:
+            x = layer(x, style_weights)
+        return _squash(x[..., :height, :width], self.config.output)
+
+
 def build_net(config: ArchConfig) -> nn.Module:
     """Rebuild a net from its stored config (the manifest's ``arch`` field)."""
+    if isinstance(config, MultiStyleNetConfig):
+        return MultiStyleNet(config)
     if isinstance(config, StyleNetConfig):
         return StyleNet(config)
     if isinstance(config, SRNetConfig):

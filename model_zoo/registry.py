@@ -19,6 +19,7 @@ from torch import nn
 from model_zoo.config import ArchConfig
 from model_zoo.manifest import (
     WEIGHTS_DIR,
+    Manifest,
     ModelEntry,
     read_manifest,
     write_manifest,
@@ -71,7 +72,11 @@ def save_model(
     root: str | os.PathLike[str] | None = None,
     **entry_fields: Any,
 ) -> ModelEntry:
-    """Write ``weights/<name>.safetensors`` (fp32, contiguous) and upsert the manifest entry."""
+    """Write ``weights/<name>.safetensors`` (fp32, contiguous) and upsert the manifest entry.
+
+    The new manifest is validated before anything is replaced: an entry that would make the
+    zoo unreadable (a style name offered twice) is refused and the zoo stays as it was.
+    """
     folder = zoo_dir(root)
     (folder / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
     relative = f"{WEIGHTS_DIR}/{name}.safetensors"
@@ -83,21 +88,27 @@ def save_model(
     tmp = folder / f"{relative}.tmp"
     save_file(tensors, str(tmp), metadata={"name": name, "kind": kind})
     os.chmod(tmp, 0o644)  # readable by the non-root service users that mount the zoo
+    try:
+        entry = ModelEntry(
+            name=name,
+            kind=kind,  # type: ignore[arg-type]
+            arch=arch,
+            weights=relative,
+            sha256=sha256_file(tmp),
+            num_parameters=count_parameters(net),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            **entry_fields,
+        )
+        manifest = read_manifest(folder)
+        if entry.metrics == {} and name in manifest.names():
+            previous = manifest.get(name)
+            entry.metrics = previous.metrics if entry.arch == previous.arch else {}
+        manifest.upsert(entry)
+        manifest = Manifest.model_validate(manifest.model_dump())
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, folder / relative)
-    entry = ModelEntry(
-        name=name,
-        kind=kind,  # type: ignore[arg-type]
-        arch=arch,
-        weights=relative,
-        sha256=sha256_file(folder / relative),
-        num_parameters=count_parameters(net),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        **entry_fields,
-    )
-    manifest = read_manifest(folder)
-    if entry.metrics == {} and name in manifest.names():
-        entry.metrics = manifest.get(name).metrics if entry.arch == manifest.get(name).arch else {}
-    manifest.upsert(entry)
     write_manifest(manifest, folder)
     return entry
 

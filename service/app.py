@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from jobqueue.protocol import Job, JobResult, Operation, OutputFormat
+from jobqueue.protocol import Job, JobResult, Operation, OutputFormat, StyleControls
+from model_zoo.styles import StyleMixError, UnknownStyleError
 from service.catalog import ModelCatalog, ModelMismatchError, UnknownModelError
 from service.errors import ApiError, error_response, install_error_handlers
 from service.images import DecodedImage, ImageLimits, configure_pillow, decode_image
@@ -119,23 +120,73 @@ def _catalog(request: Request) -> ModelCatalog:
 async def stylize(
     request: Request,
     style: Annotated[
-        str, Query(min_length=1, max_length=64, description="Style name (GET /styles).")
-    ],
+        str | None,
+        Query(min_length=1, max_length=64, description="Style name (GET /styles)."),
+    ] = None,
+    mix: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=512,
+            description="Instead of `style`: a mix of styles of one multi-style net, "
+            "`NAME:WEIGHT,...` (e.g. `mosaic:0.7,candy:0.3`); weights >= 0, normalised.",
+        ),
+    ] = None,
+    strength: Annotated[
+        float,
+        Query(ge=0.0, le=1.0, description="How much style, 0..1 (1 = full; README: how)."),
+    ] = 1.0,
+    keep_colors: Annotated[
+        bool,
+        Query(description="Keep the photo's colours: only luminance is stylised."),
+    ] = False,
+    max_side: Annotated[
+        int | None,
+        Query(
+            ge=16,
+            le=8192,
+            description="Shrink the photo so its longer side is at most this before stylising "
+            "(strokes look larger on a smaller photo).",
+        ),
+    ] = None,
     mode: ModeQuery = "sync",
     output_format: FormatQuery = "png",
 ) -> Response:
+    if (style is None) == (mix is None):
+        raise ApiError(
+            422,
+            "missing_style" if style is None else "conflicting_parameters",
+            "give either style=NAME or mix=NAME:WEIGHT,... (not both)",
+            parameters=["style", "mix"],
+        )
     catalog = _catalog(request)
     try:
-        entry = catalog.style(style)
-    except UnknownModelError as exc:
+        choice = catalog.style(style, mix)
+    except UnknownStyleError as exc:
+        if catalog.kind_of(exc.name) == "sr":
+            raise ApiError(
+                422,
+                "model_kind_mismatch",
+                f"{exc.name!r} is an upscaling model; use POST /upscale?model={exc.name}",
+            ) from exc
         raise ApiError(
             404,
             "unknown_style",
-            f"no style named {style!r}; available: {', '.join(exc.available) or 'none'}",
+            f"no style named {exc.name!r}; available: {', '.join(exc.available) or 'none'}",
             styles=exc.available,
         ) from exc
-    limits = ImageLimits(max_pixels=_settings(request).max_style_pixels)
-    return await _submit(request, "stylize", entry.name, limits, mode, output_format)
+    except StyleMixError as exc:
+        raise ApiError(422, "invalid_style_mix", str(exc), parameter="mix") from exc
+    controls = StyleControls(
+        slots=choice.slots,
+        identity=choice.identity,
+        strength=strength,
+        keep_colors=keep_colors,
+    )
+    limits = ImageLimits(max_pixels=_settings(request).max_style_pixels, fit_side=max_side)
+    return await _submit(
+        request, "stylize", choice.model, limits, mode, output_format, controls=controls
+    )
 
 
 @router.post(
@@ -166,6 +217,12 @@ async def upscale(
     try:
         entry = catalog.upscaler(factor, model)
     except UnknownModelError as exc:
+        if catalog.kind_of(exc.name) == "style" or exc.name in catalog.manifest().styles():
+            raise ApiError(
+                422,
+                "model_kind_mismatch",
+                f"{exc.name!r} is a style; use POST /stylize?style={exc.name}",
+            ) from exc
         raise ApiError(
             404,
             "unknown_model",
@@ -251,6 +308,7 @@ async def _submit(
     limits: ImageLimits,
     mode: ModeParam,
     output_format: FormatParam,
+    controls: StyleControls | None = None,
 ) -> Response:
     started = time.perf_counter()
     settings = _settings(request)
@@ -271,6 +329,7 @@ async def _submit(
         pixels=image.pixels,
         output_format=fmt,
         deadline=time.time() + timeout,
+        controls=controls or StyleControls(),
     )
     queue = _queue(request)
     try:

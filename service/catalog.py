@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model_zoo.manifest import MANIFEST_NAME, Manifest, ModelEntry, read_manifest, zoo_dir
+from model_zoo.styles import StyleChoice, resolve_style
 
 
 class UnknownModelError(LookupError):
@@ -54,8 +55,15 @@ class ModelCatalog:
                 self._stamp = stamp
             return self._manifest
 
-    def style(self, name: str) -> ModelEntry:
-        return self._get(name, "style")
+    def style(self, style: str | None, mix: str | None = None) -> StyleChoice:
+        """The model and slot weights for ``style`` or ``mix``; raises
+        ``model_zoo.styles.UnknownStyleError`` / ``StyleMixError``."""
+        return resolve_style(self.manifest(), style, mix)
+
+    def kind_of(self, name: str) -> str | None:
+        """The kind of the model called ``name`` (to tell "no such style" from "that is an
+        upscaler"), or None."""
+        return next((m.kind for m in self.manifest().models if m.name == name), None)
 
     def upscaler(self, factor: int, name: str | None = None) -> ModelEntry:
         """The SR model for ``factor``: ``name`` if given, else the default ``x{factor}``."""
@@ -74,13 +82,35 @@ class ModelCatalog:
         raise UnknownModelError(name, kind, manifest.names(kind))
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
-        """Public view of the zoo for ``GET /styles``: everything but the weights' file path."""
+        """Public view of the zoo for ``GET /styles``: every style a request may name (with the
+        model and slot behind it), every upscaler, and the style models themselves; everything
+        but the weights' file path."""
         manifest = self.manifest()
+        entries = {m.name: m for m in manifest.models}
 
         def public(entry: ModelEntry) -> dict[str, Any]:
             return entry.model_dump(mode="json", exclude={"weights"})
 
+        styles = []
+        for name, ref in sorted(manifest.styles().items()):
+            entry = entries[ref.model]
+            slot = next((s for s in entry.styles if s.index == ref.index), None)
+            styles.append(
+                {
+                    "name": name,
+                    "model": entry.name,
+                    "slot": ref.index,
+                    "kind": entry.kind,
+                    "description": (slot.description if slot else "") or entry.description,
+                    "mixable": ref.index is not None,
+                    "strength": "conditional" if ref.identity is not None else "pixel blend",
+                    "arch": entry.arch.model_dump(mode="json"),
+                    "sha256": entry.sha256,
+                    "metrics": slot.metrics if slot else entry.metrics,
+                }
+            )
         return {
-            "styles": [public(m) for m in manifest.models if m.kind == "style"],
+            "styles": styles,
             "upscalers": [public(m) for m in manifest.models if m.kind == "sr"],
+            "models": [public(m) for m in manifest.models if m.kind == "style"],
         }

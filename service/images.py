@@ -72,6 +72,9 @@ class ImageLimits:
 
     max_pixels: int
     max_side: int | None = None
+    fit_side: int | None = None
+    """Shrink a decoded image whose longer side exceeds this (``/stylize?max_side=``): a style's
+    strokes have a fixed size in pixels, so this sets how large they look on the photo."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             raise
         except Exception as exc:  # a mode/format combination Pillow cannot convert
             raise UnsupportedImageError(f"cannot convert {source_mode!r} pixels: {exc}") from exc
+    if limits.fit_side is not None and max(converted.size) > limits.fit_side:
+        scale = limits.fit_side / max(converted.size)
+        size = (max(1, round(converted.width * scale)), max(1, round(converted.height * scale)))
+        converted = converted.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return DecodedImage(
         width=converted.width,
         height=converted.height,

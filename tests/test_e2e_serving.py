@@ -29,8 +29,8 @@ import redis
 from PIL import Image
 
 from jobqueue.protocol import Keys
-from model_zoo.apply import run_model
 from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
+from model_zoo.reference import run_model
 from model_zoo.registry import load_model
 from service.launch import Child, free_port, http_status, start_api, start_worker, wait_http
 

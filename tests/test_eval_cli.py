@@ -239,8 +239,8 @@ def test_style_objective_of_the_feed_forward_output_is_the_gatys_objective(
 ) -> None:
     """The feed-forward score is the same function the baseline minimises, on the same image."""
     from evaluation.gatys import objective_for, settings_from_entry
-    from model_zoo.apply import run_model
     from model_zoo.imaging import load_rgb, to_tensor
+    from model_zoo.reference import run_model
     from training.vgg import VGG16Features
 
     vgg = VGG16Features()

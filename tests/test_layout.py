@@ -71,11 +71,12 @@ def test_model_zoo_holds_only_what_serving_loads() -> None:
     modules = sorted(p.stem for p in (ROOT / "model_zoo").glob("*.py"))
     assert modules == [
         "__init__",
-        "apply",
         "config",
         "hardware",
         "imaging",
         "manifest",
         "nets",
+        "reference",
         "registry",
+        "styles",
     ]

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo import apply
 from model_zoo.imaging import to_tensor
 from model_zoo.manifest import read_manifest
 from model_zoo.registry import (
@@ -19,6 +18,7 @@ from model_zoo.registry import (
     load_model,
     sha256_file,
 )
+from worker import apply
 
 
 def test_load_rebuilds_architecture_and_checks_sha(tiny_zoo: Path) -> None:
@@ -51,7 +51,11 @@ def test_apply_cli_round_trip(tiny_zoo: Path, tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (21, 30, 3), dtype=np.uint8)).save(source)
     target = tmp_path / "out.png"
     assert (
-        apply.main(["--model", "x4", "--zoo", str(tiny_zoo), str(source), "-o", str(target)]) == 0
+        apply.main(
+            ["--model", "x4", "--precision", "fp32", "--zoo", str(tiny_zoo), str(source)]
+            + ["-o", str(target)]
+        )
+        == 0
     )
     result = Image.open(target)
     assert result.size == (120, 84)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.apply import apply_to_image
 from model_zoo.config import StyleNetConfig
 from model_zoo.nets import build_net
+from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model, save_model
 from worker.batching import collect, pack
 from worker.encoding import EncodeOptions, encode

@@ -22,7 +22,7 @@ import redis
 from PIL import Image
 
 from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, Keys
-from model_zoo.apply import apply_to_image
+from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model
 from worker.engine import Engine
 from worker.main import Worker

@@ -47,6 +47,12 @@ def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None
     parser.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--init-from", default=None, help="start from this zoo model's weights")
+    parser.add_argument(
+        "--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="linear lr warm-up iterations (0: off)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,16 +67,23 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     resuming = settings.resume and checkpoint.exists()
 
     net = task.build_net().to(device).train()
-    state = RunState()
+    state = RunState(lineage=task.initial_lineage())
     if settings.init_from and not resuming:
         source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
         task.init_from(net, source, source_entry)
         state.lineage = manifest.lineage_of(source_entry)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    vgg = VGG16Features(settings.vgg_weights).to(device) if task.needs_vgg else None
+    # channels_last: oneDNN and cuDNN both run these convs fastest in NHWC (the VGG forward
+    # 4.5x faster on a 2-core AVX-512 CPU); a fixed loss network is stored in the autocast
+    # dtype once instead of being cast at every call (another 15% of a CPU step).
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    vgg = None
+    if task.needs_vgg:
+        vgg = VGG16Features(settings.vgg_weights).to(device, memory_format=torch.channels_last)
+        if compute.precision != "fp32":
+            vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])
     task.prepare(vgg, device)
-    optimizer = torch.optim.Adam(task.trainable_parameters(net), lr=settings.lr)
+    params = list(task.trainable_parameters(net))
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
 
     if resuming:
@@ -117,6 +124,12 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 loss, terms = task.loss(net, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if settings.warmup:
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * min(1.0, (state.iteration + 1) / settings.warmup)
+            if settings.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             state.iteration += 1

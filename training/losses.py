@@ -25,16 +25,23 @@ def feature_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def style_loss(
-    output_features: Mapping[str, torch.Tensor], target_grams: Mapping[str, torch.Tensor]
+    output_features: Mapping[str, torch.Tensor],
+    target_grams: Mapping[str, torch.Tensor],
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the squared Frobenius norm of the Gram difference, batch-averaged.
 
-    ``target_grams`` are 1 x C x C (one style image, broadcast over the batch) or B x C x C.
+    ``target_grams`` are 1 x C x C (one style image, broadcast over the batch) or B x C x C
+    (a style per sample, as in multi-style training). ``sample_weights`` (B,) scales each
+    sample's term before the batch mean: a per-style weight, or 0 for a sample with no style.
     """
     total = torch.zeros((), device=next(iter(output_features.values())).device)
     for name, target in target_grams.items():
         diff = gram_matrix(output_features[name]) - target.float()
-        total = total + diff.pow(2).sum(dim=(1, 2)).mean()
+        per_sample = diff.pow(2).sum(dim=(1, 2))
+        if sample_weights is not None:
+            per_sample = per_sample * sample_weights.float()
+        total = total + per_sample.mean()
     return total
 
 

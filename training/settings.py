@@ -35,6 +35,10 @@ class TrainSettings:
     content_weight: float = 1e5
     tv_weight: float = 3.0
     upsample: str = "nearest+conv"
+    grad_clip: float = 0.0
+    """Clip the gradient's global norm to this (0: off)."""
+    warmup: int = 0
+    """Linear learning-rate warm-up over this many iterations (0: off)."""
     # Start from a zoo model's weights (same architecture): an SR feature run from the pixel
     # model, or a new style from a trained style net, which already reconstructs content: on
     # the CPU, starry_night from mosaic was usable after ~450 iterations, where runs from

@@ -205,7 +205,11 @@ class VGG16Features(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        """Normalisation in float32, then the convs in the weights' dtype: the trainer may store
+        the fixed network in bf16 (``training.loop``), and a caller outside autocast (the style
+        Gram targets) must then feed it bf16 too."""
+        h = (x.float() - self.mean.float()) / self.std.float()
+        h = h.to(self.features[0].weight.dtype)
         out: dict[str, torch.Tensor] = {}
         for index, layer in enumerate(self.features):
             h = layer(h)

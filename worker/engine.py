@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from jobqueue.protocol import StyleControls
+from model_zoo.config import MultiStyleNetConfig
 from model_zoo.hardware import Compute, Precision, resolve_compute
 from model_zoo.imaging import tensor_to_uint8
 from model_zoo.manifest import ModelEntry
@@ -88,6 +90,18 @@ class LoadedModel:
         return self.entry.kind
 
     @property
+    def num_styles(self) -> int | None:
+        """Slots of a conditional (multi-style) net; None for a net with one behaviour."""
+        arch = self.entry.arch
+        return arch.num_styles if isinstance(arch, MultiStyleNetConfig) else None
+
+    def style_rows(self) -> list[torch.Tensor | None]:
+        """One-hot rows for every trained slot (what calibration and self-checks probe)."""
+        if self.num_styles is None:
+            return [None]
+        return [torch.eye(self.num_styles)[i : i + 1] for i in range(self.num_styles)]
+
+    @property
     def needs_stats(self) -> bool:
         return self.ragged is not None and self.ragged.num_norms > 0
 
@@ -110,6 +124,9 @@ class _Request:
     """1 x 3 x H' x W' on the device, padded to the model's stride."""
     alpha: np.ndarray | None
     plan: TilePlan | None
+    controls: StyleControls = field(default_factory=StyleControls)
+    style: torch.Tensor | None = None
+    """1 x S style-weight row for a conditional net (on the device)."""
     stats: Stats | None = None
     output: torch.Tensor | None = None
     accumulator: TileAccumulator | None = None
@@ -226,12 +243,18 @@ class Engine:
         if model.factor > 1:  # SR: a low-resolution input of the same photo
             probe = F.interpolate(probe, scale_factor=0.25, mode="bicubic", antialias=True)
         probe = pad_to_stride(probe.clamp(0, 1).to(self.device), model.stride)
-        model.precision = "fp32"
-        reference = self._forward(model, [probe], [None])[0][0]
-        model.precision = self.precision
-        reduced = self._forward(model, [probe], [None])[0][0]
-        error = ((reference.clamp(0, 1) - reduced.clamp(0, 1)) * 255).round()
-        mse = float(error.pow(2).mean())
+        # A multi-style net is as precise as its least precise style: each slot's scales
+        # amplify rounding differently.
+        worst_mse = 0.0
+        for style in model.style_rows():
+            styles = [None if style is None else style.to(self.device)]
+            model.precision = "fp32"
+            reference = self._forward(model, [probe], [None], styles=styles)[0][0]
+            model.precision = self.precision
+            reduced = self._forward(model, [probe], [None], styles=styles)[0][0]
+            error = ((reference.clamp(0, 1) - reduced.clamp(0, 1)) * 255).round()
+            worst_mse = max(worst_mse, float(error.pow(2).mean()))
+        mse = worst_mse
         model.calibration_psnr_db = float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
         if model.calibration_psnr_db < self.min_psnr_db:
             log.warning(
@@ -251,8 +274,15 @@ class Engine:
         sizes = [(12 * s + 1, 9 * s + 3), (7 * s + 2, 11 * s)]
         images = [torch.rand(1, 3, h, w, generator=generator).to(self.device) for h, w in sizes]
         padded = [pad_to_stride(x, s) for x in images]
-        alone = [self._forward(model, [p], [None])[0][0] for p in padded]
-        together, _ = self._forward(model, padded, [None, None])
+        # Two different styles in one pass: per-sample conditioning must not leak either.
+        rows = model.style_rows()
+        styles = [rows[0], rows[-1]]
+        styles = [None if r is None else r.to(self.device) for r in styles]
+        alone = [
+            self._forward(model, [p], [None], styles=[st])[0][0]
+            for p, st in zip(padded, styles, strict=True)
+        ]
+        together, _ = self._forward(model, padded, [None, None], styles=styles)
         worst = max(
             (a.float() - t.float()).abs().max().item() for a, t in zip(alone, together, strict=True)
         )
@@ -273,10 +303,13 @@ class Engine:
         tensors: list[torch.Tensor],
         frozen: list[Stats | None],
         want_stats: bool = False,
+        styles: list[torch.Tensor | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[Stats] | None]:
         """One forward pass over ``tensors`` (1 x 3 x h x w each, stride-padded) placed on one
         canvas. Returns each output cropped to its own size (float32, on the device) and, for
-        InstanceNorm nets, the statistics each was normalised with."""
+        InstanceNorm nets, the statistics each was normalised with. ``styles`` are the
+        conditional net's per-sample style rows (requests for different styles share the
+        pass); None elsewhere."""
         sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
         heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
         canvas_h, canvas_w = max(heights), max(widths)
@@ -288,14 +321,21 @@ class Engine:
                 canvas[i, :, : heights[i], : widths[i]] = t[0]
         canvas = canvas.contiguous(memory_format=torch.channels_last)
         f = model.factor
+        args: tuple[torch.Tensor, ...] = (canvas,)
+        if model.num_styles is not None:
+            rows = [
+                row if row is not None else model.style_rows()[0].to(self.device)
+                for row in (styles or [None] * len(tensors))
+            ]
+            args = (canvas, torch.cat(rows).to(self.device))
         with torch.inference_mode(), Compute(self.device, model.precision).autocast():
             if model.ragged is None:
-                out = model.net(canvas)
+                out = model.net(*args)
                 stats = None
             else:
                 batch = RaggedBatch((canvas_h, canvas_w), sizes, frozen, record=want_stats)
                 with model.ragged.ragged(batch):
-                    out = model.net(canvas)
+                    out = model.net(*args)
                 stats = model.ragged.split_stats(batch) if want_stats else None
         out = out.float()
         return [out[i, :, : h * f, : w * f] for i, (h, w) in enumerate(sizes)], stats
@@ -317,6 +357,7 @@ class Engine:
                 [u.tensor for u in members],
                 [u.frozen for u in members],
                 want_stats=model.needs_stats and any(u.wants_stats for u in members),
+                styles=[u.request.style for u in members],
             )
             sharing = len({id(u.request) for u in members})
             for k, unit in enumerate(members):
@@ -361,12 +402,19 @@ class Engine:
         small = F.interpolate(original, size=size, mode="bilinear", antialias=True)
         return pad_to_stride(small, request.model.stride)
 
-    def run(self, requests: list[tuple[str, np.ndarray]]) -> list[EngineOutput]:
-        """Compute every request (model name, H x W x 3|4 uint8). Raises on any failure (model
-        unknown, image too small for the net, out of memory): the caller retries one by one."""
+    def run(
+        self,
+        requests: Sequence[tuple[str, np.ndarray] | tuple[str, np.ndarray, StyleControls]],
+    ) -> list[EngineOutput]:
+        """Compute every request (model name, H x W x 3|4 uint8, optional style controls).
+        Raises on any failure (model unknown, image too small for the net, a slot the net does
+        not have, out of memory): the caller retries one by one."""
         states: list[_Request] = []
-        for index, (name, pixels) in enumerate(requests):
+        for index, request in enumerate(requests):
+            name, pixels = request[0], request[1]
+            controls = request[2] if len(request) > 2 else StyleControls()  # type: ignore[misc]
             model = self.model(name)
+            style = self._style_row(model, controls)
             if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
                 raise ValueError(f"expected H x W x 3|4 uint8 pixels, got {pixels.shape}")
             height, width = int(pixels.shape[0]), int(pixels.shape[1])
@@ -377,7 +425,9 @@ class Engine:
             padded = pad_to_stride(tensor, model.stride)
             alpha = pixels[..., 3] if pixels.shape[2] == 4 else None
             plan = self._tile_plan(model, int(padded.shape[-2]), int(padded.shape[-1]))
-            states.append(_Request(index, model, height, width, padded, alpha, plan))
+            states.append(
+                _Request(index, model, height, width, padded, alpha, plan, controls, style)
+            )
 
         by_model: dict[str, list[_Request]] = {}
         for state in states:
@@ -385,6 +435,27 @@ class Engine:
         for name, group in by_model.items():
             self._run_model(self.models[name], group)
         return [self._finish(state) for state in states]
+
+    def _style_row(self, model: LoadedModel, controls: StyleControls) -> torch.Tensor | None:
+        """The conditional net's style-weight row: the slots, with ``strength`` < 1 moving
+        weight to the identity slot (``model_zoo.styles``)."""
+        if model.num_styles is None:
+            if controls.slots:
+                raise ValueError(f"model {model.name} has no style slots")
+            return None
+        if not controls.slots:
+            return model.style_rows()[0].to(self.device)
+        if any(index >= model.num_styles for index, _ in controls.slots) or (
+            controls.identity is not None and controls.identity >= model.num_styles
+        ):
+            raise ValueError(f"model {model.name} has {model.num_styles} slots")
+        share = controls.strength if controls.identity is not None else 1.0
+        row = torch.zeros(1, model.num_styles)
+        for index, weight in controls.slots:
+            row[0, index] += share * weight
+        if controls.identity is not None:
+            row[0, controls.identity] += 1.0 - controls.strength
+        return row.to(self.device)
 
     def _run_model(self, model: LoadedModel, requests: list[_Request]) -> None:
         # Pass 1: whole images, plus the statistics pass of tiled InstanceNorm images.
@@ -415,7 +486,10 @@ class Engine:
         else:
             assert request.output is not None
             image = request.output
-        rgb = tensor_to_uint8(image[:, : request.height * f, : request.width * f])[0]
+        image = image[:, : request.height * f, : request.width * f]
+        if request.model.kind == "style":
+            image = _apply_controls(image, request)
+        rgb = tensor_to_uint8(image)[0]
         if request.alpha is None:
             return EngineOutput(rgb, request.batch_size)
         alpha = request.alpha
@@ -425,6 +499,33 @@ class Engine:
             )
             alpha = np.asarray(resized)
         return EngineOutput(np.dstack([rgb, alpha]), request.batch_size)
+
+
+# BT.601 full-range RGB <-> YCbCr, as JPEG and Pillow's "YCbCr" mode use it.
+_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+)
+_FROM_YCBCR = torch.linalg.inv(_TO_YCBCR)
+
+
+def _apply_controls(image: torch.Tensor, request: _Request) -> torch.Tensor:
+    """Strength without an identity slot (a pixel blend with the photo) and keep-colours
+    (luminance from the stylised image, chroma from the photo: Gatys et al. 2016's
+    luminance-only transfer, applied to a feed-forward output). Both are per pixel, so tiled
+    and whole images get the same result."""
+    controls = request.controls
+    blend = controls.strength < 1.0 and controls.identity is None
+    if not (blend or controls.keep_colors):
+        return image
+    photo = request.padded[0, :, : request.height, : request.width].float().to(image.device)
+    if blend:
+        image = controls.strength * image + (1.0 - controls.strength) * photo
+    if controls.keep_colors:
+        to_ycbcr = _TO_YCBCR.to(image.device)
+        luma = torch.einsum("ij,jhw->ihw", to_ycbcr[:1], image.clamp(0, 1))
+        chroma = torch.einsum("ij,jhw->ihw", to_ycbcr[1:], photo)
+        image = torch.einsum("ij,jhw->ihw", _FROM_YCBCR.to(image.device), torch.cat([luma, chroma]))
+    return image.clamp(0, 1)
 
 
 def _store_output(request: _Request) -> Callable[[torch.Tensor, Stats | None], None]:

@@ -423,7 +423,7 @@ class Worker:
         started_wall = time.time()
         started = time.perf_counter()
         try:
-            outputs = self.engine.run([(w.job.model, w.pixels) for w in work])
+            outputs = self.engine.run([(w.job.model, w.pixels, w.job.controls) for w in work])
             compute = time.perf_counter() - started
             results = [(w, out, compute) for w, out in zip(work, outputs, strict=True)]
         except Exception:
@@ -433,7 +433,7 @@ class Worker:
             for w in work:
                 single_started = time.perf_counter()
                 try:
-                    (output,) = self.engine.run([(w.job.model, w.pixels)])
+                    (output,) = self.engine.run([(w.job.model, w.pixels, w.job.controls)])
                 except Exception as exc:
                     if len(work) == 1:
                         log.exception("job %s failed", w.job.job_id)

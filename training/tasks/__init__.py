@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from training.tasks.base import TrainingTask
+from training.tasks.multistyle import AddStyleTask, MultiStyleSettings, MultiStyleTask
 from training.tasks.sr import SRSettings, SRTask
 from training.tasks.style import StyleSettings, StyleTask
 
-TASKS: dict[str, type[TrainingTask]] = {task.name: task for task in (StyleTask, SRTask)}
+TASKS: dict[str, type[TrainingTask]] = {
+    task.name: task for task in (StyleTask, MultiStyleTask, AddStyleTask, SRTask)
+}
 
-__all__ = ["TASKS", "SRSettings", "SRTask", "StyleSettings", "StyleTask", "TrainingTask"]
+__all__ = [
+    "TASKS",
+    "AddStyleTask",
+    "MultiStyleSettings",
+    "MultiStyleTask",
+    "SRSettings",
+    "SRTask",
+    "StyleSettings",
+    "StyleTask",
+    "TrainingTask",
+]

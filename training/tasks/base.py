@@ -79,6 +79,11 @@ class TrainingTask(ABC, Generic[S]):
     def trainable_parameters(self, net: nn.Module) -> Iterable[nn.Parameter]:
         return net.parameters()
 
+    def initial_lineage(self) -> list[dict[str, Any]]:
+        """The runs behind the starting weights when they do not come from ``--init-from``
+        (e.g. the base net ``add-style`` extends)."""
+        return []
+
     # ------------------------------------------------------------------ the objective
 
     @property
@@ -96,7 +101,13 @@ class TrainingTask(ABC, Generic[S]):
     def phase(self) -> dict[str, Any]:
         """The settings a resumed run may change (``--resume --lr ...``), recorded per phase."""
         s = self.settings
-        return {"lr": s.lr, "tv_weight": s.tv_weight, "content_weight": s.content_weight}
+        phase = {"lr": s.lr, "tv_weight": s.tv_weight, "content_weight": s.content_weight}
+        # Recorded only when used, so older entries' phases still compare equal on resume.
+        if s.grad_clip:
+            phase["grad_clip"] = s.grad_clip
+        if s.warmup:
+            phase["warmup"] = s.warmup
+        return phase
 
     # ------------------------------------------------------------------ reporting
 
