@@ -2,7 +2,7 @@
 
 ``python -m service.launch`` (private redis-server, the API, one worker) serves the *shipped*
 zoo: the page's gallery shows the committed thumbnails and the README's screenshot, which the
-first test writes to ``docs/web_page.png``, shows what a user gets. That costs little: the worker
+stylise test writes to ``docs/web_page.png``, shows what a user gets. That costs little: the worker
 preloads only the two models the tests use, in fp32, on photos of 512 px at most (about a
 second each on two cores).
 
@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -40,7 +42,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from model_zoo.apply import run_model
 from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
 from model_zoo.registry import load_model
-from service.launch import free_port
+from service.launch import free_port, start_api, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -434,3 +436,58 @@ def test_phone_width_with_the_keyboard_only(page: WebDriver) -> None:
     assert no_sideways_scroll()
     compare = by_id(page, "compare").rect
     assert compare["x"] >= 0 and compare["x"] + compare["width"] <= 390
+
+
+def test_busy_and_oversized_uploads_get_readable_errors(
+    browser: WebDriver, redis_instance: Any, tiny_zoo_template: Path, tmp_path: Path
+) -> None:
+    """An API of its own (no worker, a one-job queue, 20 kB uploads, the tiny zoo without
+    thumbnails) serves the same page: the messages a busy or strict service provokes."""
+    if redis_instance.process is None:
+        redis_instance.start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_instance.url,
+        "QUEUE_PREFIX": "webidle",
+        "MODEL_ZOO_DIR": str(tiny_zoo_template),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "MAX_QUEUE_DEPTH": "1",
+        "RETRY_AFTER_S": "3",
+        "MAX_UPLOAD_BYTES": "20000",
+    }
+    url = f"http://127.0.0.1:{port}"
+    small = tmp_path / "small.png"
+    Image.fromarray(rgb(SAMPLE)[:32, :32]).save(small)
+    with open(tmp_path / "api.log", "wb") as log:
+        api = start_api(env, output=log, cwd=str(REPO))
+    try:
+        wait_http(url + "/healthz", 60, api)
+        filler = httpx.post(
+            url + "/stylize?style=mosaic&mode=async", files={"image": small.read_bytes()}
+        )
+        assert filler.status_code == 202, filler.text
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.get(url + "/")
+        cards = wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".style-card"), 30)
+        assert len(cards) == 2  # mosaic and tiny_style: no thumbnails made, initials instead
+        wait_for(
+            browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, ".placeholder")) == 2, 10
+        )
+
+        choose_file(browser, small)
+        assert run_and_wait(browser) == "error"
+        message = by_id(browser, "error-message").text
+        assert "queue is full" in message and "Try again in 3 s." in message
+        assert "queue_full, HTTP 503" in by_id(browser, "error-detail").text
+        assert by_id(browser, "retry").is_displayed()  # waiting can help here
+
+        choose_file(browser, SAMPLE)  # 45 kB, over the 20 kB limit
+        assert run_and_wait(browser) == "error"
+        assert by_id(browser, "error-message").text == "This file is too large (45.2 kB)."
+        detail = by_id(browser, "error-detail").text
+        assert "limited to 19.5 kB" in detail and "upload_too_large, HTTP 413" in detail
+    finally:
+        api.stop()
+        redis.Redis.from_url(redis_instance.url).delete("webidle:jobs")
