@@ -381,8 +381,8 @@ function renderModelChoices() {
   const losses = { pixel: "pixel loss, highest PSNR", feat: "feature loss, sharper detail" };
   $("sr-model").replaceChildren(
     ...models.map((m) => {
-      const kind = losses[m.loss] ? ` (${losses[m.loss]})` : "";
-      const suffix = m.name === `x${factor}` ? ", default" : "";
+      const kind = losses[m.loss] ? ` – ${losses[m.loss]}` : "";
+      const suffix = m.name === `x${factor}` ? " (default)" : "";
       return new Option(`${m.name}${kind}${suffix}`, m.name, false, m.name === preferred);
     }),
   );
@@ -417,23 +417,29 @@ async function loadCatalog() {
   updateOperation();
 }
 
+/** Labels that echo a control's value. Also run at start: a browser that restores form
+ *  values on "back" would otherwise show 100% next to a slider it put at 40%. */
+function syncOutputs() {
+  const percent = (id) => `${Math.round(Number($(id).value) * 100)}%`;
+  $("strength-out").textContent = percent("strength");
+  $("mix-weight-out").textContent = percent("mix-weight");
+  $("mix-controls").hidden = !$("mix-on").checked;
+}
+
 function wireControls() {
-  for (const input of document.querySelectorAll('input[name="op"], input[name="factor"]')) {
+  for (const input of document.querySelectorAll('input[name="op"]')) {
+    input.addEventListener("change", updateOperation);
+  }
+  for (const input of document.querySelectorAll('input[name="factor"]')) {
     input.addEventListener("change", () => {
-      renderModelChoices();
+      renderModelChoices(); // the models of the new factor, its default chosen
       updateOperation();
     });
   }
   $("gallery").addEventListener("change", renderMixChoices);
-  $("strength").addEventListener("input", (event) => {
-    $("strength-out").textContent = `${Math.round(Number(event.target.value) * 100)}%`;
-  });
-  $("mix-weight").addEventListener("input", (event) => {
-    $("mix-weight-out").textContent = `${Math.round(Number(event.target.value) * 100)}%`;
-  });
-  $("mix-on").addEventListener("change", (event) => {
-    $("mix-controls").hidden = !event.target.checked;
-  });
+  $("strength").addEventListener("input", syncOutputs);
+  $("mix-weight").addEventListener("input", syncOutputs);
+  $("mix-on").addEventListener("change", syncOutputs);
   $("sr-model").addEventListener("change", updateModelNote);
   $("go").addEventListener("click", run);
   $("retry").addEventListener("click", run);
@@ -598,5 +604,6 @@ setState("idle");
 wireDropAndPaste();
 wireFileInputs();
 wireControls();
+syncOutputs();
 updateOperation();
 loadCatalog();
