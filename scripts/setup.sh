@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 
-# redis-server runs the queue; docker-compose (Debian's, engine-less) validates the compose file.
+# redis-server runs the queue; docker-compose (Debian's, engine-less) validates the compose file;
+# chromium + chromium-driver run the web page's browser tests (Selenium drives them by path, so
+# nothing is downloaded at test time).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "[setup] installing ${missing[*]} with apt-get"
     apt-get update -qq

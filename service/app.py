@@ -33,6 +33,7 @@ from service.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.queue import JobQueue, JobTimeoutError, QueueFullError, ResultMissingError
 from service.settings import ApiSettings
 from service.uploads import read_image_body
+from service.web import install_web
 
 UPSCALE_FACTORS = (4, 8)
 PROBE_TIMEOUT_S = 2.0
@@ -444,5 +445,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.catalog = ModelCatalog(settings.model_zoo_dir)
     install_error_handlers(app)
     app.include_router(router)
+    install_web(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics_)
     return app

@@ -15,6 +15,17 @@ from typing import Any
 from model_zoo.manifest import MANIFEST_NAME, Manifest, ModelEntry, read_manifest, zoo_dir
 from model_zoo.styles import StyleChoice, resolve_style
 
+THUMBNAILS_DIR = "thumbnails"
+
+
+def thumbnail_path(root: str | os.PathLike[str], style: str) -> Path:
+    """Where a style's gallery thumbnail lives: ``<zoo>/thumbnails/<style>.jpg``.
+
+    Defined here (torch-free) so the API that serves the file and
+    ``scripts/make_thumbnails.py`` that writes it agree on one layout.
+    """
+    return Path(root) / THUMBNAILS_DIR / f"{style}.jpg"
+
 
 class UnknownModelError(LookupError):
     def __init__(self, name: str, kind: str, available: list[str]) -> None:
@@ -73,6 +84,9 @@ class ModelCatalog:
                 f"model {entry.name!r} upscales by {entry.factor}, not by {factor}"
             )
         return entry
+
+    def thumbnail_path(self, style: str) -> Path:
+        return thumbnail_path(self.root, style)
 
     def _get(self, name: str, kind: str) -> ModelEntry:
         manifest = self.manifest()
