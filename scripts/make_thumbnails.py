@@ -15,7 +15,7 @@ Why these choices:
 - The photo is ``service/static/sample.jpg`` (Kodak PhotoCD image 21, released by Eastman Kodak
   for unrestricted use), the same photo the page offers as its sample, so a thumbnail shows
   what the user will get from the sample. A centre square crop keeps every tile the same shape.
-- The forward pass is ``model_zoo.apply``'s plain fp32 path at 256 px, the size the styles were
+- The forward pass is ``model_zoo.reference``'s plain fp32 path at 256 px, the size the styles were
   trained at, so the strokes have the scale the style was taught; displayed at 128 CSS px it
   stays sharp on 2x screens.
 - JPEG at quality 80: 10-25 kB per style (the page loads all of them), without the blocking
@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 from PIL import Image
 
-from model_zoo.apply import apply_to_image
 from model_zoo.manifest import read_manifest, zoo_dir
+from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model
 from service.catalog import THUMBNAILS_DIR, thumbnail_path
 

@@ -1,5 +1,5 @@
 """End to end: uvicorn + ``python -m worker`` subprocesses against a real redis-server, with the
-tiny zoo. The worker runs in fp32, so its pixels must match ``model_zoo.apply``'s reference path
+tiny zoo. The worker runs in fp32, so its pixels must match ``model_zoo.reference``'s reference path
 (within one level out of 255: batching pads and reorders float sums).
 
 Covered here: stylize and upscale sizes and pixels, alpha, output formats, async mode,
@@ -156,7 +156,7 @@ _NETS: dict[tuple[Path, str], Any] = {}
 
 
 def reference(zoo: Path, model: str, rgb: np.ndarray) -> np.ndarray:
-    """``model_zoo.apply``'s fp32 path on an H x W x 3 uint8 array."""
+    """``model_zoo.reference``'s fp32 path on an H x W x 3 uint8 array."""
     if (zoo, model) not in _NETS:
         _NETS[(zoo, model)] = load_model(model, root=zoo)[0]
     return tensor_to_uint8(run_model(_NETS[(zoo, model)], uint8_to_tensor(rgb)))[0]

@@ -52,8 +52,10 @@ def test_apply_cli_round_trip(tiny_zoo: Path, tmp_path: Path) -> None:
     target = tmp_path / "out.png"
     assert (
         apply.main(
-            ["--model", "x4", "--precision", "fp32", "--zoo", str(tiny_zoo), str(source)]
-            + ["-o", str(target)]
+            [
+                *("--model", "x4", "--precision", "fp32", "--zoo", str(tiny_zoo)),
+                *(str(source), "-o", str(target)),
+            ]
         )
         == 0
     )

@@ -39,8 +39,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 
-from model_zoo.apply import run_model
 from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
+from model_zoo.reference import run_model
 from model_zoo.registry import load_model
 from service.launch import free_port, start_api, wait_http
 
@@ -312,7 +312,7 @@ def test_stylise_a_photo_end_to_end(page: WebDriver) -> None:
     result = rgb(result_bytes(page))
     assert result.shape == photo.shape
     assert np.abs(result.astype(int) - photo.astype(int)).mean() > 20, "result looks like input"
-    # and it is this style's picture: the worker's fp32 pixels are model_zoo.apply's
+    # and it is this style's picture: the worker's fp32 pixels are model_zoo.reference's
     reference = stylised_reference(STYLE, photo)
     assert np.abs(result.astype(int) - reference.astype(int)).max() <= 2
 

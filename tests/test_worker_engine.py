@@ -39,7 +39,7 @@ def image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarr
 
 
 def reference(zoo: Path, name: str, pixels: np.ndarray) -> np.ndarray:
-    """What ``model_zoo.apply`` (fp32, untiled, unbatched) makes of ``pixels``."""
+    """What ``model_zoo.reference`` (fp32, untiled, unbatched) makes of ``pixels``."""
     net, _ = load_model(name, root=zoo)
     return np.asarray(apply_to_image(net, Image.fromarray(pixels[..., :3])))
 
