@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_zoo.config import SRNetConfig, StyleNetConfig
-from model_zoo.nets import build_net
+from model_zoo.config import MultiStyleNetConfig, SRNetConfig, StyleNetConfig
+from model_zoo.manifest import StyleSlot
+from model_zoo.nets import ConditionalInstanceNorm2d, build_net
 from model_zoo.registry import save_model
 
 # Tests share two cores with whatever else runs; more threads than that only adds contention.
@@ -147,6 +148,33 @@ def make_tiny_zoo(root: Path) -> Path:
             description=f"tiny untrained x{factor} test model",
         )
     return root
+
+
+TINY_MULTISTYLE = MultiStyleNetConfig(num_styles=3, channels=(8, 8, 8), num_residual=1)
+
+
+def add_tiny_multistyle(root: Path, seed: int = 0) -> None:
+    """A tiny untrained multi-style net ``tiny_multi``: slot 0 identity, styles ``ms_a`` and
+    ``ms_b``. Its conditional tables are randomised so the slots really differ."""
+    torch.manual_seed(seed)
+    net = build_net(TINY_MULTISTYLE)
+    for module in net.modules():
+        if isinstance(module, ConditionalInstanceNorm2d):
+            module.scale.data.uniform_(0.5, 1.5)
+            module.shift.data.uniform_(-0.5, 0.5)
+    save_model(
+        net,
+        name="tiny_multi",
+        kind="style",
+        arch=TINY_MULTISTYLE,
+        root=root,
+        description="tiny untrained multi-style test model",
+        styles=[
+            StyleSlot(name="identity", index=0, role="identity"),
+            StyleSlot(name="ms_a", index=1),
+            StyleSlot(name="ms_b", index=2),
+        ],
+    )
 
 
 def add_tiny_pixel_sr(root: Path, seed: int) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from jobqueue.protocol import StyleControls
 from model_zoo.config import StyleNetConfig
 from model_zoo.nets import build_net
 from model_zoo.reference import apply_to_image
@@ -21,6 +22,8 @@ from worker.engine import Engine, resolve_batch_pixels
 from worker.ragged import pad_to_stride
 from worker.settings import CPU_AUTO_BATCH_PIXELS, CUDA_AUTO_BATCH_PIXELS, WorkerSettings
 from worker.tiling import TileAccumulator, plan_tiles
+
+from .conftest import add_tiny_multistyle
 
 
 def image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -345,3 +348,85 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEARTBEAT_INTERVAL_S", "1")
     with pytest.raises(ValueError, match="CLAIM_IDLE_MS"):
         WorkerSettings(_env_file=None)
+
+
+# --- multi-style nets: per-sample styles in one pass, strength, mixes, keep-colours ------------
+
+
+def _multi_reference(zoo: Path, pixels: np.ndarray, row: list[float]) -> np.ndarray:
+    net, _ = load_model("tiny_multi", root=zoo)
+    style = torch.tensor([row])
+    return np.asarray(apply_to_image(net, Image.fromarray(pixels[..., :3]), style=style))
+
+
+def test_different_styles_share_one_exact_pass(tiny_zoo: Path) -> None:
+    add_tiny_multistyle(tiny_zoo)
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", max_batch_pixels=1 << 22)
+    assert engine.model("tiny_multi").exact_padding
+    a, b = (
+        StyleControls(slots=((1, 1.0),), identity=0),
+        StyleControls(slots=((2, 1.0),), identity=0),
+    )
+    requests = [
+        ("tiny_multi", image(40, 48, seed=1), a),
+        ("tiny_multi", image(37, 50, seed=2), b),
+        ("tiny_multi", image(40, 48, seed=3), b),
+    ]
+    together = engine.run(requests)
+    assert [o.batch_size for o in together] == [3, 3, 3]
+    for (_, pixels, controls), out in zip(requests, together, strict=True):
+        row = [0.0, 1.0, 0.0] if controls is a else [0.0, 0.0, 1.0]
+        assert max_diff(out.pixels, _multi_reference(tiny_zoo, pixels, row)) <= 1
+    # The two styles really differ on the same photo.
+    (other,) = engine.run([("tiny_multi", image(40, 48, seed=1), b)])
+    assert max_diff(other.pixels, together[0].pixels) > 20
+
+
+def test_strength_and_mix_are_convex_combinations_of_slots(tiny_zoo: Path) -> None:
+    add_tiny_multistyle(tiny_zoo)
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32")
+    pixels = image(36, 44, seed=5)
+    half = StyleControls(slots=((1, 0.7), (2, 0.3)), identity=0, strength=0.5)
+    (out,) = engine.run([("tiny_multi", pixels, half)])
+    assert max_diff(out.pixels, _multi_reference(tiny_zoo, pixels, [0.5, 0.35, 0.15])) <= 1
+    zero = StyleControls(slots=((1, 1.0),), identity=0, strength=0.0)
+    (identity,) = engine.run([("tiny_multi", pixels, zero)])
+    assert max_diff(identity.pixels, _multi_reference(tiny_zoo, pixels, [1.0, 0.0, 0.0])) <= 1
+    with pytest.raises(ValueError, match="slots"):
+        engine.run([("tiny_multi", pixels, StyleControls(slots=((7, 1.0),)))])
+
+
+def test_tiles_of_a_conditional_net_match_the_whole_image(tiny_zoo: Path) -> None:
+    add_tiny_multistyle(tiny_zoo)
+    controls = StyleControls(slots=((2, 1.0),), identity=0)
+    pixels = image(150, 170, seed=9)
+    whole = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=1024)
+    tiled = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=64, tile_stats_size=4096)
+    (a,) = whole.run([("tiny_multi", pixels, controls)])
+    (b,) = tiled.run([("tiny_multi", pixels, controls)])
+    assert tiled._tile_plan(tiled.model("tiny_multi"), 152, 172) is not None
+    assert max_diff(a.pixels, b.pixels) <= 1
+
+
+def test_keep_colors_takes_chroma_from_the_photo_and_luma_from_the_style(tiny_zoo: Path) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32")
+    pixels = image(48, 40, seed=4)
+    (styled,) = engine.run([("tiny_style", pixels)])
+    (kept,) = engine.run([("tiny_style", pixels, StyleControls(keep_colors=True))])
+    # Pillow's own YCbCr (BT.601 full range) as the independent reference. Its fixed-point
+    # round trip quantises three times and reads about 1 level high on average.
+    y, _, _ = Image.fromarray(styled.pixels).convert("YCbCr").split()
+    _, cb, cr = Image.fromarray(pixels).convert("YCbCr").split()
+    expected = np.asarray(Image.merge("YCbCr", (y, cb, cr)).convert("RGB"))
+    assert max_diff(kept.pixels, expected) <= 4
+    assert np.abs(kept.pixels.astype(float) - expected).mean() < 1.5
+    assert max_diff(kept.pixels, styled.pixels) > 20
+
+
+def test_strength_without_identity_slot_blends_with_the_photo(tiny_zoo: Path) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32")
+    pixels = image(32, 32, seed=6)
+    (full,) = engine.run([("tiny_style", pixels)])
+    (half,) = engine.run([("tiny_style", pixels, StyleControls(strength=0.25))])
+    expected = 0.25 * full.pixels.astype(np.float64) + 0.75 * pixels.astype(np.float64)
+    assert np.abs(half.pixels - expected).max() <= 1.01
