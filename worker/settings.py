@@ -108,6 +108,7 @@ class WorkerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     min_psnr_db: float = Field(40.0, ge=0.0)
+    cpu_runtime: Literal["auto", "torch", "openvino"] = "auto"
     torch_threads: int = Field(0, ge=0)
     tile_size: int = Field(1024, ge=32)
     tile_overlap: int | Literal["auto"] = "auto"
