@@ -318,3 +318,84 @@ def test_a_new_style_can_start_from_a_trained_style_net(
                 "--norm", "batch", "--iterations", "1",
             )
         )  # fmt: skip
+
+
+# --- the multi-style family ---------------------------------------------------------------------
+
+
+def _multi_args(photo_dir: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    styles = tmp_path / "styles"
+    styles.mkdir(exist_ok=True)
+    rng = np.random.default_rng(3)
+    for style in ("reds", "blues"):
+        if not (styles / f"{style}.png").exists():
+            base = rng.random((6, 6, 3)) * (0.4 if style == "blues" else 1.0)
+            base[..., 0 if style == "reds" else 2] = 1.0
+            Image.fromarray((base * 255).astype(np.uint8)).resize((48, 48)).save(
+                styles / f"{style}.png"
+            )
+    return [
+        "multistyle", "--name", name, "--data", str(photo_dir),
+        "--style-images", f"reds={styles / 'reds.png'}", str(styles / "blues.png"),
+        "--channels", "8", "8", "8", "--num-residual", "1",
+        "--image-size", "32", "--batch-size", "3", "--style-size", "48",
+        "--saturation-penalty", "10", "--zoo", str(tmp_path / "zoo"),
+        "--run-dir", str(tmp_path / "runs"), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_multistyle_training_records_its_slots_and_resumes(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "3", "--checkpoint-every", "2"))
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "5", "--resume"))
+    entry = read_manifest(zoo).get("multi")
+    assert entry.kind == "style" and entry.arch.kind == "multistyle"  # type: ignore[union-attr]
+    assert [(s.name, s.index, s.role) for s in entry.styles] == [
+        ("identity", 0, "identity"),
+        ("reds", 1, "style"),
+        ("blues", 2, "style"),
+    ]
+    assert entry.iterations == 5 and set(read_manifest(zoo).styles()) == {"reds", "blues"}
+    # Every step logs the same terms, identity sample or not (the loss curve needs it).
+    history = json.loads((runs / "multi" / "checkpoint.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4, 5]
+    assert all({"content", "style", "tv", "saturation", "identity"} <= set(h) for h in history)
+    assert set(entry.final_losses) >= {"content", "style", "identity", "saturation"}
+    net, _ = load_model("multi", root=zoo)
+    x = torch.rand(1, 3, 24, 28)
+    with torch.no_grad():
+        outputs = [net(x, net.one_hot(i)) for i in range(3)]
+    assert outputs[0].shape == (1, 3, 24, 28)
+    assert (outputs[1] - outputs[2]).abs().max() > 1e-4  # the styles differ
+    # samples: the photo, then every slot (identity included), at the crop and twice it
+    grid = Image.open(runs / "multi" / "samples.jpg")
+    assert grid.width == 4 * 32 and grid.height % 32 == 0
+    assert Image.open(runs / "multi" / "samples_64.jpg").width == 4 * 64
+
+
+def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "2"))
+    before, base = load_model("multi", root=zoo)
+    greens = tmp_path / "styles" / "greens.png"
+    Image.fromarray(np.full((40, 40, 3), (30, 220, 40), np.uint8)).save(greens)
+    argv = _multi_args(photo_dir, tmp_path, "multi", "--iterations", "3")
+    argv[argv.index("--style-images") + 1 : argv.index("--style-images") + 3] = [str(greens)]
+    argv[0] = "add-style"
+    run([*argv, "--base", "multi", "--lr", "0.05"])
+    after, entry = load_model("multi", root=zoo)
+    assert [s.name for s in entry.styles] == ["identity", "reds", "blues", "greens"]
+    assert entry.arch.num_styles == 4  # type: ignore[union-attr]
+    old, new = before.state_dict(), after.state_dict()
+    changed_rows = False
+    for key, value in old.items():
+        if value.ndim and value.shape != new[key].shape:  # a conditional table: S x C
+            torch.testing.assert_close(new[key][:3], value, msg=key)  # old styles untouched
+            changed_rows |= bool((new[key][3] - value[1:].mean(0)).abs().max() > 1e-6)
+        else:
+            torch.testing.assert_close(new[key], value, msg=key)  # every conv untouched
+    assert changed_rows, "the new style's scale and shift did not train"
+    assert entry.training["lineage"][-1]["sha256"] == base.sha256
+    assert entry.training["total_iterations"] == 2 + 3

@@ -178,8 +178,11 @@ def export(
     """Write the net and its manifest entry (every setting, phase and earlier run) to the zoo."""
     settings = task.settings
     net.eval()
-    recent = state.history[-50:] or [{}]
-    final = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0] if k != "iteration"}
+    recent = state.history[-50:]
+    keys = dict.fromkeys(k for h in recent for k in h if k != "iteration")
+    final = {
+        k: sum(h[k] for h in recent if k in h) / sum(1 for h in recent if k in h) for k in keys
+    }
     record: dict[str, Any] = {
         k: v for k, v in asdict(settings).items() if k not in RUNTIME_ONLY
     } | {

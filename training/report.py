@@ -40,9 +40,12 @@ def save_loss_curve(history: Sequence[dict[str, float]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
-        iterations = [h["iteration"] for h in history]
-        for key in (k for k in history[0] if k != "iteration"):
-            values = [h[key] for h in history]
+        # A term may be absent from some steps (a multi-style batch without an identity sample).
+        keys = list(dict.fromkeys(k for h in history for k in h if k != "iteration"))
+        for key in keys:
+            points = [(h["iteration"], h[key]) for h in history if key in h]
+            iterations = [i for i, _ in points]
+            values = [v for _, v in points]
             window = max(1, len(values) // 100)
             smooth = [
                 sum(values[max(0, i - window) : i + 1]) / len(values[max(0, i - window) : i + 1])

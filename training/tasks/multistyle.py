@@ -217,11 +217,13 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         if s.saturation_penalty:
             excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
             terms["saturation"] = s.saturation_penalty * excess.pow(2).mean()
-        if bool(identity_mask.any()):
+        if bool(self.is_identity.any()):  # every step logs the same terms
             terms["identity"] = (
                 s.identity_weight
                 * pixel_loss(output[identity_mask], batch[identity_mask])
                 * identity_mask.float().mean()
+                if bool(identity_mask.any())
+                else torch.zeros((), device=batch.device)
             )
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}  # type: ignore[return-value]
