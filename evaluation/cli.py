@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from evaluation import gallery
-from evaluation.common import DEFAULT_SR_DATA, EvalError, protocol_record, write_outputs
+from evaluation.common import (
+    DEFAULT_SR_DATA,
+    EvalError,
+    load_styles,
+    protocol_record,
+    write_outputs,
+)
+from evaluation.droplets import droplets_markdown, evaluate_droplets, store_droplet_metrics
 from evaluation.sr import evaluate_sr, sr_markdown, store_sr_metrics, summarise_sr
 from evaluation.style import (
     DEFAULT_CHECKPOINTS,
@@ -33,8 +40,9 @@ from evaluation.style import (
     store_style_metrics,
     style_markdown,
 )
-from model_zoo import registry
 from model_zoo.hardware import auto_precision
+from model_zoo.manifest import read_manifest
+from training.data import find_images
 
 log = logging.getLogger("evaluation")
 
@@ -121,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="override a model's recorded style image path",
     )
+    dr = tasks.add_parser("droplets", help="count droplets (blown-out blobs) per style")
+    common(dr, "docs/eval_droplets.md")
+    dr.add_argument("--models", nargs="+", default=None, help="styles or models (default: all)")
+    dr.add_argument("--photos", type=Path, default=DEFAULT_STYLE_PHOTOS, help="held-out photos")
+    dr.add_argument("--num-photos", type=int, default=10)
+    dr.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="longer side (px)")
+    dr.add_argument("--examples", type=Path, default=None, help="save each worst case, marked")
+
     pictures = tasks.add_parser(
         "gallery", help="the gallery pictures in docs/", description=gallery.__doc__
     )
@@ -135,6 +151,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     protocol = protocol_record(device)
+    if args.task == "droplets":
+        styles = load_styles(args.models, args.zoo, device)
+        photos = find_images(args.photos)[: args.num_photos]
+        results = evaluate_droplets(styles, photos, args.sizes, examples=args.examples)
+        protocol |= {"photos": str(args.photos), "num_photos": len(photos), "precision": "fp32"}
+        if not args.no_store:
+            store_droplet_metrics(results, args.zoo, protocol)
+        write_outputs(droplets_markdown(results), args.out, results, args.json)
+        return 0
     if args.task == "sr":
         lpips_precision = (
             auto_precision(device, "bf16")
@@ -170,9 +195,9 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(sr_markdown(summary), args.out, [asdict(r) for r in rows], args.json)
         return 0
 
-    models = args.models or [e.name for e in registry.list_models(args.zoo) if e.kind == "style"]
+    models = args.models or sorted(read_manifest(args.zoo).styles())
     if not models:
-        raise EvalError("no style models to evaluate")
+        raise EvalError("no styles to evaluate")
     results = evaluate_style(
         models,
         args.photos,

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from model_zoo import registry
+from model_zoo.config import MultiStyleNetConfig
 from model_zoo.hardware import hardware_description
-from model_zoo.manifest import ModelEntry
+from model_zoo.manifest import ModelEntry, StyleSlot, read_manifest
 
 log = logging.getLogger("evaluation")
 
@@ -36,6 +38,56 @@ def load_model_of_kind(
     if entry.kind != kind:
         raise EvalError(f"{name!r} is a {entry.kind} model; this evaluation needs {kind} models")
     return net, entry
+
+
+@dataclass
+class StyleUnderTest:
+    """One style to evaluate: a single-style net, or one slot of a multi-style net."""
+
+    name: str
+    net: nn.Module
+    entry: ModelEntry
+    slot: StyleSlot | None = None
+    style: torch.Tensor | None = None
+    """The multi-style net's one-hot row for this slot (1 x S); None for single-style nets."""
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.slot.metrics if self.slot is not None else self.entry.metrics
+
+
+def load_styles(
+    names: list[str] | None, root: str | None, device: torch.device
+) -> list[StyleUnderTest]:
+    """Styles by name: a style name, or a model name (a multi-style net stands for all its
+    public styles); None means every style of the zoo."""
+    manifest = read_manifest(root)
+    refs = manifest.styles()
+    wanted: list[str] = []
+    for name in names if names is not None else sorted(refs):
+        if name in refs:
+            wanted.append(name)
+            continue
+        entry = next((m for m in manifest.models if m.name == name), None)
+        if entry is None:
+            raise EvalError(f"no style or model named {name!r}; styles: {', '.join(sorted(refs))}")
+        if entry.kind != "style":
+            raise EvalError(f"{name!r} is a {entry.kind} model; this evaluation needs styles")
+        wanted += [s.name for s in entry.styles if s.role == "style" and s.public] or [name]
+    loaded: dict[str, tuple[nn.Module, ModelEntry]] = {}
+    styles = []
+    for name in wanted:
+        ref = refs[name]
+        if ref.model not in loaded:
+            loaded[ref.model] = load_model_of_kind(ref.model, "style", root, device)
+        net, entry = loaded[ref.model]
+        slot = next((s for s in entry.styles if s.index == ref.index), None)
+        row = None
+        if ref.index is not None and isinstance(entry.arch, MultiStyleNetConfig):
+            row = torch.zeros(1, entry.arch.num_styles, device=device)
+            row[0, ref.index] = 1.0
+        styles.append(StyleUnderTest(name, net, entry, slot, row))
+    return styles
 
 
 def fmt(value: float | None, digits: int) -> str:

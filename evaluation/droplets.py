@@ -24,6 +24,8 @@ and are fixed here, so a run cannot tune its way past them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -138,3 +140,108 @@ def mark_droplets(output: Image.Image, droplets: list[Droplet]) -> Image.Image:
         left, top, right, bottom = drop.box
         draw.rectangle((left - 3, top - 3, right + 2, bottom + 2), outline=(0, 255, 255), width=2)
     return marked
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def resize_longer_side(photo: Image.Image, size: int) -> Image.Image:
+    """The photo with its longer side at ``size`` px (aspect kept): the evaluation sizes."""
+    scale = size / max(photo.size)
+    new = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
+    return photo.resize(new, Image.Resampling.LANCZOS)
+
+
+def evaluate_droplets(
+    styles: list[Any],
+    photos: list[Path],
+    sizes: list[int],
+    *,
+    examples: Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """style -> size -> flagged droplets per photo (fp32 reference outputs), with the worst
+    example marked into ``examples`` when given."""
+    from evaluation.gatys import _find_style_image
+    from model_zoo.imaging import load_rgb, to_image, to_tensor
+    from model_zoo.reference import run_model
+
+    results: dict[str, dict[str, Any]] = {}
+    for under_test in styles:
+        recorded = (
+            under_test.slot.style_image
+            if under_test.slot is not None
+            else under_test.entry.training.get("style_image", "")
+        )
+        found = _find_style_image(Path(recorded)) if recorded else None
+        painting = Path(recorded) if recorded and Path(recorded).exists() else found
+        palette = style_palette(Image.open(painting)) if painting is not None else None
+        results[under_test.name] = {}
+        for size in sizes:
+            per_photo = []
+            worst: tuple[int, Image.Image | None, list[Droplet]] = (0, None, [])
+            for path in photos:
+                photo = resize_longer_side(load_rgb(path), size)
+                output = to_image(
+                    run_model(under_test.net, to_tensor(photo), style=under_test.style)
+                )
+                found_drops = find_droplets(output, photo, palette)
+                per_photo.append({"photo": path.name, "droplets": len(found_drops)})
+                if len(found_drops) > worst[0]:
+                    worst = (len(found_drops), output, found_drops)
+            counts = [p["droplets"] for p in per_photo]
+            results[under_test.name][str(size)] = {
+                "photos": len(per_photo),
+                "photos_flagged": sum(1 for c in counts if c),
+                "droplets": sum(counts),
+                "palette": painting is not None,
+                "per_photo": per_photo,
+            }
+            if examples is not None and worst[1] is not None:
+                examples.mkdir(parents=True, exist_ok=True)
+                marked = mark_droplets(worst[1], worst[2])
+                marked.save(examples / f"droplets_{under_test.name}_{size}.jpg", quality=85)
+    return results
+
+
+def droplets_markdown(results: dict[str, dict[str, Any]]) -> str:
+    sizes = sorted({int(s) for by_size in results.values() for s in by_size})
+    header = ["style", *[f"{s} px: photos flagged / droplets" for s in sizes]]
+    lines = [
+        "Droplets (evaluation.droplets: clipped, compact, contrasting blobs that the photo or the "
+        "painting lacks) in fp32 outputs; photos resized to the longer side given.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, by_size in results.items():
+        cells = [name]
+        for size in sizes:
+            r = by_size.get(str(size))
+            cells.append(
+                "-" if r is None else f"{r['photos_flagged']}/{r['photos']} / {r['droplets']}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def store_droplet_metrics(
+    results: dict[str, dict[str, Any]], root: str | None, protocol: dict[str, Any]
+) -> None:
+    """Into each style's metrics (a slot's own for multi-style nets), merged by size."""
+    from model_zoo import registry
+    from model_zoo.manifest import read_manifest
+
+    refs = read_manifest(root).styles()
+    for name, by_size in results.items():
+        ref = refs[name]
+        slot = name if ref.index is not None else None
+        entry = registry.get_entry(ref.model, root)
+        metrics = next((s.metrics for s in entry.styles if s.name == slot), entry.metrics)
+        sizes = dict(metrics.get("droplets", {}).get("sizes", {}))
+        sizes.update(
+            {
+                size: {k: v for k, v in r.items() if k != "per_photo"} | {"protocol": protocol}
+                for size, r in by_size.items()
+            }
+        )
+        registry.update_metrics(ref.model, {"droplets": {"sizes": sizes}}, root, slot)

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from model_zoo.manifest import ModelEntry
+from model_zoo.manifest import ModelEntry, StyleSlot
 from training.losses import feature_loss, style_loss, tv_loss
 from training.tasks.style import StyleSettings, style_grams
 from training.vgg import CONTENT_LAYER, STYLE_LAYERS, VGG16Features
@@ -82,9 +82,12 @@ class JointObjective:
 
 
 def settings_from_entry(
-    entry: ModelEntry, style_image: str | os.PathLike[str] | None = None
+    entry: ModelEntry,
+    style_image: str | os.PathLike[str] | None = None,
+    slot: StyleSlot | None = None,
 ) -> StyleSettings:
-    """Rebuild a style model's training settings from its manifest ``training`` record.
+    """Rebuild a style model's training settings from its manifest ``training`` record; for a
+    slot of a multi-style net, its own style image and weight replace the run's.
 
     ``style_image`` overrides the recorded path (it is relative to where training ran).
     """
@@ -92,6 +95,10 @@ def settings_from_entry(
         raise ValueError(f"{entry.name} is a {entry.kind} model, not a style model")
     known = {f.name for f in fields(StyleSettings)}
     record = {k: v for k, v in entry.training.items() if k in known}
+    if slot is not None:
+        record["style_image"] = slot.style_image
+        if slot.style_weight is not None:
+            record["style_weight"] = slot.style_weight
     for required in ("content_weight", "style_weight", "tv_weight"):
         if required not in record:
             raise ValueError(f"manifest entry {entry.name!r} records no {required}")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.common import DEFAULT_SR_DATA, EvalError, load_model_of_kind
+from evaluation.common import DEFAULT_SR_DATA, EvalError, load_styles
 from evaluation.gatys import (
     Init,
     JointObjective,
@@ -36,6 +36,7 @@ from evaluation.gatys import (
 from model_zoo import registry
 from model_zoo.hardware import Compute, auto_precision
 from model_zoo.imaging import load_rgb, to_tensor
+from model_zoo.manifest import read_manifest
 from model_zoo.reference import run_model
 from training.data import find_images
 from training.tasks.style import StyleSettings
@@ -55,15 +56,21 @@ def square_photo(img: Image.Image, size: int) -> Image.Image:
     return square.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def time_forward(net: nn.Module, x: torch.Tensor, repeats: int, precision: str = "fp32") -> float:
+def time_forward(
+    net: nn.Module,
+    x: torch.Tensor,
+    repeats: int,
+    precision: str = "fp32",
+    style: torch.Tensor | None = None,
+) -> float:
     """Median wall time of warm forward passes (the first run is discarded as warm-up)."""
     compute = Compute(x.device, precision)  # type: ignore[arg-type]
-    run_model(net, x, precision)
+    run_model(net, x, precision, style)
     compute.synchronize()
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        run_model(net, x, precision)
+        run_model(net, x, precision, style)
         compute.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -82,17 +89,18 @@ def evaluate_style_one(
     ff_repeats: int,
     device: torch.device,
     style_grams: dict[str, torch.Tensor] | None = None,
+    style: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The paper's comparison for one (style model, photo, size)."""
     content = to_tensor(photo).to(device)
     objective = objective_for(settings, content, vgg, style_grams)
-    output = run_model(net, content, "fp32")
+    output = run_model(net, content, "fp32", style)
     ff_objective = objective.value(output)
-    ff_time = time_forward(net, content, ff_repeats)
+    ff_time = time_forward(net, content, ff_repeats, style=style)
     # For information: how the service may run it. The ratio uses the fp32 time (like for like).
     # Emulated bf16 (no native instructions) is ~50x slower than fp32 and not what anyone serves.
     ff_time_bf16 = (
-        time_forward(net, content, ff_repeats, "bf16")
+        time_forward(net, content, ff_repeats, "bf16", style=style)
         if auto_precision(device, "bf16") == "bf16"
         else None
     )
@@ -174,10 +182,10 @@ def evaluate_style(
     paths = find_images(photos)[:num_photos]
     vgg = (vgg or VGG16Features()).to(device)
     results: dict[str, dict[str, Any]] = {}
-    for name in models:
-        net, entry = load_model_of_kind(name, "style", root, device)
+    for under_test in load_styles(list(models), root, device):
+        name, net, entry = under_test.name, under_test.net, under_test.entry
         try:
-            settings = settings_from_entry(entry, (style_images or {}).get(name))
+            settings = settings_from_entry(entry, (style_images or {}).get(name), under_test.slot)
         except (ValueError, FileNotFoundError) as exc:
             raise EvalError(str(exc)) from None
         grams = style_targets(settings, vgg)  # once per style, not per photo
@@ -198,6 +206,7 @@ def evaluate_style(
                     seed=index,
                     ff_repeats=ff_repeats,
                     device=device,
+                    style=under_test.style,
                 )
                 one["photo"] = path.name
                 per_photo.append(one)
@@ -272,13 +281,17 @@ def store_style_metrics(
     Each size keeps the protocol it was measured under, since runs at different sizes may come
     from different sessions and machines.
     """
+    refs = read_manifest(root).styles()
     for name, by_size in results.items():
-        previous = registry.get_entry(name, root).metrics.get("style_vs_optimization", {})
+        model, slot = refs[name].model, (name if refs[name].index is not None else None)
+        entry = registry.get_entry(model, root)
+        metrics = next((s.metrics for s in entry.styles if s.name == slot), entry.metrics)
+        previous = metrics.get("style_vs_optimization", {})
         sizes = {
             size: {"protocol": previous.get("protocol", {}), **result}
             for size, result in previous.get("sizes", {}).items()
         }
         sizes.update({size: {**result, "protocol": protocol} for size, result in by_size.items()})
         registry.update_metrics(
-            name, {"style_vs_optimization": {"protocol": protocol, "sizes": sizes}}, root
+            model, {"style_vs_optimization": {"protocol": protocol, "sizes": sizes}}, root, slot
         )

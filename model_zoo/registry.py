@@ -114,15 +114,25 @@ def save_model(
 
 
 def update_metrics(
-    name: str, metrics: dict[str, Any], root: str | os.PathLike[str] | None = None
+    name: str,
+    metrics: dict[str, Any],
+    root: str | os.PathLike[str] | None = None,
+    style: str | None = None,
 ) -> ModelEntry:
-    """Merge evaluation results into a model's ``metrics`` field."""
+    """Merge evaluation results into a model's ``metrics`` field, or into the ``metrics`` of
+    its slot ``style`` (a multi-style net measures each style on its own)."""
     manifest = read_manifest(root)
     try:
         entry = manifest.get(name)
     except KeyError:
         raise ModelNotFoundError(name, manifest.names()) from None
-    entry.metrics = {**entry.metrics, **metrics}
+    if style is None:
+        entry.metrics = {**entry.metrics, **metrics}
+    else:
+        slot = next((s for s in entry.styles if s.name == style), None)
+        if slot is None:
+            raise ModelNotFoundError(style, [s.name for s in entry.styles])
+        slot.metrics = {**slot.metrics, **metrics}
     write_manifest(manifest, root)
     return entry
 

@@ -298,3 +298,29 @@ def test_plain_bicubic_protocol_is_stored_beside_the_main_numbers(
     assert metrics["sr_bicubic_lr"]["protocol"]["lr"].startswith("bicubic")
     hr = modcrop(Image.open(bench / "SetA" / "img0.png").convert("RGB"), 4)
     assert make_lr(hr, 4, "bicubic").size == (hr.width // 4, hr.height // 4)
+
+
+def test_droplet_eval_counts_per_style_and_slot_and_stores_them(
+    tiny_zoo: Path, bench: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import add_tiny_multistyle
+
+    add_tiny_multistyle(tiny_zoo)
+    out, examples = tmp_path / "droplets.md", tmp_path / "examples"
+    argv = ["droplets", "--zoo", str(tiny_zoo), "--photos", str(bench / "SetA")]
+    argv += ["--models", "mosaic", "tiny_multi", "--sizes", "48", "96", "--out", str(out)]
+    assert (
+        zoo_eval.main([*argv, "--examples", str(examples), "--json", str(tmp_path / "d.json")]) == 0
+    )
+    table = out.read_text()
+    for style in ("mosaic", "ms_a", "ms_b"):  # a multi-style model stands for its styles
+        assert f"| {style} |" in table
+    assert "identity" not in table
+    results = json.loads((tmp_path / "d.json").read_text())
+    assert results["ms_b"]["96"]["photos"] == 2
+    manifest = read_manifest(tiny_zoo)
+    assert manifest.get("mosaic").metrics["droplets"]["sizes"]["48"]["photos"] == 2
+    slot = next(s for s in manifest.get("tiny_multi").styles if s.name == "ms_a")
+    counts = slot.metrics["droplets"]["sizes"]
+    assert set(counts) == {"48", "96"} and counts["96"]["protocol"]["precision"] == "fp32"
+    assert counts["96"]["droplets"] == results["ms_a"]["96"]["droplets"]

@@ -344,9 +344,7 @@ def _multi_args(photo_dir: Path, tmp_path: Path, name: str, *extra: str) -> list
     ]  # fmt: skip
 
 
-def test_multistyle_training_records_its_slots_and_resumes(
-    photo_dir: Path, tmp_path: Path
-) -> None:
+def test_multistyle_training_records_its_slots_and_resumes(photo_dir: Path, tmp_path: Path) -> None:
     zoo, runs = tmp_path / "zoo", tmp_path / "runs"
     run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "3", "--checkpoint-every", "2"))
     run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "5", "--resume"))
