@@ -19,10 +19,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from evaluation.common import StyleUnderTest, load_styles
 from evaluation.metrics import bicubic_upscale, modcrop, rgb_to_y
 from evaluation.sr import make_lr
 from evaluation.style import square_photo
@@ -73,26 +76,79 @@ def save_jpeg(img: Image.Image, path: Path, quality: int) -> int:
 
 
 def style_gallery(
-    entries: Sequence[ModelEntry],
+    styles: Sequence[StyleUnderTest],
     photos: Sequence[Path],
     *,
-    root: str | None,
     size: int,
     cell: int,
     precision: str = "fp32",
 ) -> Image.Image:
-    """Stylise each photo at ``size`` px (square), shown at ``cell`` px."""
+    """Stylise each photo at ``size`` px (square), shown at ``cell`` px: every style of the zoo
+    (single-style nets and each slot of a multi-style net) in its own column."""
     squares = [square_photo(load_rgb(p), size) for p in photos]
     columns: list[tuple[str, list[Image.Image]]] = [("photo", squares)]
-    for entry in entries:
-        net, _ = registry.load_model(entry.name, root=root)
-        columns.append(
-            (entry.name, [to_image(run_model(net, to_tensor(s), precision)) for s in squares])
-        )
+    for under_test in styles:
+        tiles = [
+            to_image(run_model(under_test.net, to_tensor(s), precision, under_test.style))
+            for s in squares
+        ]
+        columns.append((under_test.name, tiles))
     rows = [
         [(name, tiles[i].resize((cell, cell), Image.Resampling.LANCZOS)) for name, tiles in columns]
         for i in range(len(squares))
     ]
+    return labelled_grid(rows, cell)
+
+
+def controls_gallery(
+    photo: Path, style: str, mix_with: str | None, *, root: str | None, size: int, cell: int
+) -> Image.Image:
+    """What the service's style controls do, through the worker's own engine (fp32): a strength
+    ramp, keep-colours, ``max_side`` (strokes look larger on a smaller photo) and, when the
+    style lives in a multi-style net with ``mix_with``, a two-style mix ramp."""
+    from jobqueue.protocol import StyleControls
+    from model_zoo.manifest import read_manifest
+    from model_zoo.styles import resolve_style
+    from worker.engine import Engine
+
+    engine = Engine(zoo_dir=root, precision="fp32")
+    manifest = read_manifest(root)
+    pixels = np.asarray(square_photo(load_rgb(photo), size))
+
+    def run(choice_style: str | None, mix: str | None, **controls: Any) -> Image.Image:
+        choice = resolve_style(manifest, choice_style, mix)
+        request = StyleControls(slots=choice.slots, identity=choice.identity, **controls)
+        (out,) = engine.run([(choice.model, pixels, request)])
+        return Image.fromarray(out.pixels[..., :3])
+
+    def tile(img: Image.Image) -> Image.Image:
+        return img.resize((cell, cell), Image.Resampling.LANCZOS)
+
+    rows: list[list[tuple[str, Image.Image | None]]] = [
+        [("photo", tile(Image.fromarray(pixels)))]
+        + [(f"strength {s:g}", tile(run(style, None, strength=s))) for s in (0.25, 0.5, 0.75, 1)]
+    ]
+    small = Image.fromarray(pixels).resize((size // 2, size // 2), Image.Resampling.LANCZOS)
+    choice = resolve_style(manifest, style, None)
+    request = StyleControls(slots=choice.slots, identity=choice.identity)
+    (half,) = engine.run([(choice.model, np.asarray(small), request)])
+    rows.append(
+        [
+            (style, tile(run(style, None))),
+            ("keep colours", tile(run(style, None, keep_colors=True))),
+            (f"max_side {size // 2}", tile(Image.fromarray(half.pixels[..., :3]))),
+        ]
+    )
+    if mix_with is not None and choice.slots and style != mix_with:
+        rows.append(
+            [
+                (
+                    f"{style} {1 - w:g} / {mix_with} {w:g}",
+                    tile(run(None, f"{style}:{1 - w},{mix_with}:{w}")),
+                )
+                for w in (0.0, 0.25, 0.5, 0.75, 1.0)
+            ]
+        )
     return labelled_grid(rows, cell)
 
 
@@ -170,7 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sr-photos", nargs="+", type=Path, default=DEFAULT_SR_PHOTOS)
     parser.add_argument("--styles-out", type=Path, default=Path("docs/gallery_styles.jpg"))
     parser.add_argument("--sr-out", type=Path, default=Path("docs/gallery_sr.jpg"))
-    parser.add_argument("--style-size", type=int, default=384, help="stylisation input size (px)")
+    parser.add_argument("--controls-out", type=Path, default=Path("docs/gallery_controls.jpg"))
+    parser.add_argument("--controls-style", default=None, help="style of the controls sheet")
+    parser.add_argument("--mix-with", default=None, help="second style of the mix ramp")
+    parser.add_argument("--style-size", type=int, default=512, help="stylisation input size (px)")
     parser.add_argument("--cell", type=int, default=160, help="style tile size in the grid (px)")
     parser.add_argument("--sr-crop", type=int, default=80, help="HR crop side (px)")
     parser.add_argument("--sr-cell", type=int, default=160, help="SR tile size in the grid (px)")
@@ -184,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: photos not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     entries = registry.list_models(args.zoo)
-    styles = [e for e in entries if e.kind == "style"]
+    styles = load_styles(None, args.zoo, torch.device("cpu"))
     srs = [e for e in entries if e.kind == "sr"]
     if not styles and not srs:
         print("error: the zoo has no models", file=sys.stderr)
@@ -192,14 +251,16 @@ def run(args: argparse.Namespace) -> int:
     total = 0
     if styles:
         grid = style_gallery(
-            styles,
-            args.photos,
-            root=args.zoo,
-            size=args.style_size,
-            cell=args.cell,
-            precision=args.precision,
+            styles, args.photos, size=args.style_size, cell=args.cell, precision=args.precision
         )
         total += save_jpeg(grid, args.styles_out, args.quality)
+        mixable = [s.name for s in styles if s.style is not None]
+        first = args.controls_style or (mixable or [styles[0].name])[0]
+        second = args.mix_with or next((n for n in mixable if n != first), None)
+        grid = controls_gallery(
+            args.photos[0], first, second, root=args.zoo, size=args.style_size, cell=args.cell
+        )
+        total += save_jpeg(grid, args.controls_out, args.quality)
     if srs:
         grid = sr_gallery(
             srs,

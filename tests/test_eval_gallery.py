@@ -36,6 +36,8 @@ def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
             str(styles_out),
             "--sr-out",
             str(sr_out),
+            "--controls-out",
+            str(tmp_path / "out" / "controls.jpg"),
             "--style-size",
             "48",
             "--cell",
@@ -51,6 +53,9 @@ def test_gallery_writes_both_images(tiny_zoo: Path, tmp_path: Path) -> None:
         assert img.format == "JPEG"
         # columns: photo + the two style models (mosaic, tiny_style); rows: three photos
         assert img.size == (3 * 40, 3 * (40 + gallery.LABEL_HEIGHT))
+    with Image.open(tmp_path / "out" / "controls.jpg") as img:
+        # photo + a strength ramp of 4; the style, keep-colours, max_side (no mix: no multi-style)
+        assert img.size == (5 * 40, 2 * (40 + gallery.LABEL_HEIGHT))
     with Image.open(sr_out) as img:
         assert img.format == "JPEG"
         # x4 row: bicubic | x4_pixel | x4 | HR; x8 row: bicubic | x8 | HR
@@ -81,3 +86,21 @@ def test_missing_photos_are_an_error(
     rc = cli.main(["gallery", "--zoo", str(tiny_zoo), "--photos", str(tmp_path / "nope.jpg")])
     assert rc == 2
     assert "nope.jpg" in capsys.readouterr().err
+
+
+def test_gallery_shows_each_slot_and_a_mix_ramp_for_multi_style_nets(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import add_tiny_multistyle
+
+    add_tiny_multistyle(tiny_zoo)
+    photos = [_photo(tmp_path / f"p{i}.png", 60, 52, i) for i in range(2)]
+    out = tmp_path / "out"
+    argv = ["gallery", "--zoo", str(tiny_zoo), "--photos", *map(str, photos)]
+    argv += ["--sr-photos", str(photos[0]), "--styles-out", str(out / "styles.jpg")]
+    argv += ["--sr-out", str(out / "sr.jpg"), "--controls-out", str(out / "controls.jpg")]
+    assert cli.main([*argv, "--style-size", "48", "--cell", "40", "--sr-crop", "16"]) == 0
+    with Image.open(out / "styles.jpg") as img:  # photo, ms_a, ms_b, mosaic, tiny_style
+        assert img.size == (5 * 40, 2 * (40 + gallery.LABEL_HEIGHT))
+    with Image.open(out / "controls.jpg") as img:  # the third row is the ms_a -> ms_b ramp
+        assert img.size == (5 * 40, 3 * (40 + gallery.LABEL_HEIGHT))
