@@ -28,10 +28,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from PIL import Image
 
 from model_zoo.manifest import read_manifest, zoo_dir
@@ -70,21 +72,30 @@ def make_thumbnails(
     are removed, so the folder always matches the zoo.
     """
     manifest = read_manifest(zoo)
-    known = manifest.names("style")
+    refs = manifest.styles()  # single-style nets and the public slots of multi-style nets
+    known = sorted(refs)
     wanted = known if styles is None else styles
     unknown = sorted(set(wanted) - set(known))
     if unknown:
-        raise ValueError(f"not style models of {zoo}: {', '.join(unknown)}")
+        raise ValueError(f"not styles of {zoo}: {', '.join(unknown)}")
     with Image.open(photo) as source:
         tile = square_crop(source.convert("RGB"), size)
     sources = read_sources(zoo)
     written = []
+    nets: dict[str, tuple[Any, Any]] = {}
     for name in wanted:
-        net, entry = load_model(name, root=zoo)
+        ref = refs[name]
+        if ref.model not in nets:
+            nets[ref.model] = load_model(ref.model, root=zoo)
+        net, entry = nets[ref.model]
+        row = None
+        if ref.index is not None:
+            row = torch.zeros(1, entry.arch.num_styles)
+            row[0, ref.index] = 1.0
         out = thumbnail_path(zoo, name)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        apply_to_image(net, tile).save(tmp, "JPEG", quality=quality, optimize=True)
+        apply_to_image(net, tile, style=row).save(tmp, "JPEG", quality=quality, optimize=True)
         tmp.chmod(0o644)  # the API may run as another user (docker)
         tmp.replace(out)  # a concurrent API request never reads half a file
         written.append(out)

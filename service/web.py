@@ -24,7 +24,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from service.catalog import ModelCatalog, UnknownModelError
+from service.catalog import ModelCatalog
 from service.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
@@ -97,22 +97,23 @@ async def style_thumbnail(
     style: Annotated[str, PathParam(min_length=1, max_length=64)],
 ) -> FileResponse:
     catalog: ModelCatalog = request.app.state.catalog
-    try:
-        entry = catalog.style(style)
-    except UnknownModelError as exc:
+    known = catalog.manifest().styles()
+    if style not in known:
+        available = sorted(known)
         raise ApiError(
             404,
             "unknown_style",
-            f"no style named {style!r}; available: {', '.join(exc.available) or 'none'}",
-            styles=exc.available,
-        ) from exc
-    # The name comes from the manifest (validated pattern), never from the URL: no traversal.
-    path = catalog.thumbnail_path(entry.name)
+            f"no style named {style!r}; available: {', '.join(available) or 'none'}",
+            styles=available,
+        )
+    # The name is the manifest's (a validated pattern), never the URL's: no path traversal.
+    name = known[style].style
+    path = catalog.thumbnail_path(name)
     if not path.is_file():
         raise ApiError(
             404,
             "thumbnail_missing",
-            f"style {entry.name!r} has no thumbnail; scripts/make_thumbnails.py makes them",
+            f"style {name!r} has no thumbnail; scripts/make_thumbnails.py makes them",
         )
     return FileResponse(
         path,
