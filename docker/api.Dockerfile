@@ -19,7 +19,7 @@ WORKDIR /app
 # the style thumbnails of the web page's gallery come along so the image works without a
 # mounted zoo (MODEL_ZOO_DIR overrides). service/ brings the page itself (service/static/).
 COPY jobqueue/ jobqueue/
-COPY model_zoo/__init__.py model_zoo/config.py model_zoo/manifest.py model_zoo/manifest.json model_zoo/
+COPY model_zoo/__init__.py model_zoo/config.py model_zoo/manifest.py model_zoo/styles.py model_zoo/manifest.json model_zoo/
 COPY model_zoo/thumbnails/ model_zoo/thumbnails/
 COPY service/ service/
 
