@@ -4,7 +4,8 @@
 build step) that talks to the same public API as any client: ``GET /styles``, ``POST /stylize``
 or ``/upscale`` with ``?mode=async``, then ``GET /jobs/{id}`` until the image is there. Nothing
 is loaded from another origin, and the Content-Security-Policy below makes the browser enforce
-that, so the page works on a machine without internet access (unlike Swagger's ``/docs``).
+that, so the page works on a machine without internet access (as do ``/docs`` and ``/redoc``,
+whose assets the API serves itself, ``service.app``).
 
 ``GET /styles/{style}/thumbnail`` serves ``<zoo>/thumbnails/<style>.jpg``, made by
 ``scripts/make_thumbnails.py``. Torch-free, like the rest of the API.
@@ -24,7 +25,8 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from service.catalog import ModelCatalog, UnknownModelError
+from model_zoo.styles import UnknownStyleError
+from service.catalog import ModelCatalog
 from service.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
@@ -98,21 +100,22 @@ async def style_thumbnail(
 ) -> FileResponse:
     catalog: ModelCatalog = request.app.state.catalog
     try:
-        entry = catalog.style(style)
-    except UnknownModelError as exc:
+        choice = catalog.style(style)
+    except UnknownStyleError as exc:
         raise ApiError(
             404,
             "unknown_style",
             f"no style named {style!r}; available: {', '.join(exc.available) or 'none'}",
             styles=exc.available,
         ) from exc
-    # The name comes from the manifest (validated pattern), never from the URL: no traversal.
-    path = catalog.thumbnail_path(entry.name)
+    # The name is one the manifest lists (validated pattern), never raw URL text: no traversal.
+    name = choice.styles[0] if choice.styles else choice.model
+    path = catalog.thumbnail_path(name)
     if not path.is_file():
         raise ApiError(
             404,
             "thumbnail_missing",
-            f"style {entry.name!r} has no thumbnail; scripts/make_thumbnails.py makes them",
+            f"style {name!r} has no thumbnail; scripts/make_thumbnails.py makes them",
         )
     return FileResponse(
         path,
