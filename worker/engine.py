@@ -356,6 +356,8 @@ class Engine:
             scale=model.factor,
         )
         for group in groups:
+            if all(units[i].request.stopped for i in group.members):
+                continue
             if poll is not None:
                 poll()  # between forward passes (and so between tiles): drop stopped requests
             members = [units[i] for i in group.members if not units[i].request.stopped]
