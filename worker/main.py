@@ -119,18 +119,20 @@ class _PassWatch:
             self._last_pass = None
 
     def _check(self, wall: float) -> None:
-        for index, w in enumerate(self.work):
-            if index not in self.reasons and w.job.deadline and wall > w.job.deadline:
-                self.reasons[index] = "deadline"
+        # Cancel markers first: a caller that said it left needs no 504 result stored.
         open_ids = [w.job.job_id for i, w in enumerate(self.work) if i not in self.reasons]
         try:
             cancelled = self.worker.consumer.cancelled(open_ids)
         except redis.RedisError as exc:  # keep computing; the next check may get through
             log.warning("cancel check failed: %s", exc)
-            return
+            cancelled = set()
         for index, w in enumerate(self.work):
+            if index in self.reasons:
+                continue
             if w.job.job_id in cancelled:
-                self.reasons.setdefault(index, "cancelled")
+                self.reasons[index] = "cancelled"
+            elif w.job.deadline and wall > w.job.deadline:
+                self.reasons[index] = "deadline"
 
     def _run_interactive(self) -> None:
         started = time.perf_counter()
