@@ -15,11 +15,12 @@ RUN pip install -r /tmp/requirements-api.txt && rm /tmp/requirements-api.txt \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
 
 WORKDIR /app
-# model_zoo: the API reads only manifest.py/config.py (torch-free); the shipped manifest and
+# model_zoo: the API reads only manifest.py/config.py/styles.py (torch-free); the shipped manifest and
 # the style thumbnails of the web page's gallery come along so the image works without a
 # mounted zoo (MODEL_ZOO_DIR overrides). service/ brings the page itself (service/static/).
 COPY jobqueue/ jobqueue/
-COPY model_zoo/__init__.py model_zoo/config.py model_zoo/manifest.py model_zoo/styles.py model_zoo/manifest.json model_zoo/
+COPY model_zoo/__init__.py model_zoo/config.py model_zoo/manifest.py model_zoo/styles.py \
+     model_zoo/manifest.json model_zoo/
 COPY model_zoo/thumbnails/ model_zoo/thumbnails/
 COPY service/ service/
 

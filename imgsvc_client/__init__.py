@@ -13,6 +13,7 @@ Depends on httpx only (tqdm for the command line's progress bar), not on the ser
 from imgsvc_client._core import Catalog, Job, ModelInfo, Result, RetryPolicy
 from imgsvc_client.client import AsyncClient, Client
 from imgsvc_client.errors import (
+    AuthenticationError,
     ImageTooLarge,
     ImgsvcError,
     InvalidImage,
@@ -34,6 +35,7 @@ from imgsvc_client.errors import (
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationError",
     "Catalog",
     "Client",
     "ImageTooLarge",

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per HTTP request"
     )
     common.add_argument(
+        "--api-key",
+        default=os.environ.get("IMGSVC_API_KEY"),
+        help="API key for a service that requires one (default: $IMGSVC_API_KEY)",
+    )
+    common.add_argument(
         "--retries", type=int, default=5, help="retries of a busy (503/429) answer (default 5)"
     )
 
@@ -279,7 +284,9 @@ async def run_styles(args: argparse.Namespace, client: AsyncClient) -> int:
 
 async def run(args: argparse.Namespace) -> int:
     retry = RetryPolicy(max_retries=args.retries)
-    async with AsyncClient(args.url, timeout=args.timeout, retry=retry) as client:
+    async with AsyncClient(
+        args.url, timeout=args.timeout, retry=retry, api_key=args.api_key
+    ) as client:
         if args.command == "styles":
             return await run_styles(args, client)
         return await run_batch(args, client)

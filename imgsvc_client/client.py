@@ -52,6 +52,16 @@ def _timeout(seconds: float) -> httpx.Timeout:
     return httpx.Timeout(seconds, connect=min(10.0, seconds))
 
 
+def _with_key(api_key: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """``api_key`` as an ``Authorization: Bearer`` header (a service with AUTH_REQUIRED wants
+    one on job routes; the key is never put in a URL, where logs would keep it)."""
+    if not api_key:
+        return options
+    headers = dict(options.get("headers") or {})
+    headers["Authorization"] = f"Bearer {api_key}"
+    return {**options, "headers": headers}
+
+
 class _Settings:
     """Options shared by both clients."""
 
@@ -83,6 +93,7 @@ class _Settings:
 class Client:
     """Blocking client. Use it as a context manager, or call ``close()``.
 
+    ``api_key`` is sent as ``Authorization: Bearer`` (for a service with ``AUTH_REQUIRED``).
     ``httpx_options`` go to ``httpx.Client`` (``headers``, ``verify``, ``event_hooks``...).
     """
 
@@ -95,13 +106,16 @@ class Client:
         poll_interval: float = 0.2,
         max_poll_interval: float = 1.0,
         job_timeout: float = DEFAULT_JOB_TIMEOUT_S,
+        api_key: str | None = None,
         **httpx_options: Any,
     ) -> None:
         self.settings = _Settings(
             base_url, timeout, retry, poll_interval, max_poll_interval, job_timeout
         )
         self._http = httpx.Client(
-            base_url=self.settings.base_url, timeout=_timeout(timeout), **httpx_options
+            base_url=self.settings.base_url,
+            timeout=_timeout(timeout),
+            **_with_key(api_key, httpx_options),
         )
 
     def close(self) -> None:
@@ -250,13 +264,16 @@ class AsyncClient:
         poll_interval: float = 0.2,
         max_poll_interval: float = 1.0,
         job_timeout: float = DEFAULT_JOB_TIMEOUT_S,
+        api_key: str | None = None,
         **httpx_options: Any,
     ) -> None:
         self.settings = _Settings(
             base_url, timeout, retry, poll_interval, max_poll_interval, job_timeout
         )
         self._http = httpx.AsyncClient(
-            base_url=self.settings.base_url, timeout=_timeout(timeout), **httpx_options
+            base_url=self.settings.base_url,
+            timeout=_timeout(timeout),
+            **_with_key(api_key, httpx_options),
         )
 
     async def close(self) -> None:

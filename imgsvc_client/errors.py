@@ -98,7 +98,12 @@ class UnknownJob(NotFound):
 
 
 class ImageTooLarge(ServiceError):
-    """413: too many bytes, too many pixels, or an upscale result over the side limit."""
+    """413: too many bytes, too many pixels, an upscale result over the side limit, or more
+    compute than the job's timeout allows (``job_too_expensive``: send it async, or smaller)."""
+
+
+class AuthenticationError(ServiceError):
+    """401 (no key, or an unknown one) or 403 (the key lacks the scope)."""
 
 
 class UnsupportedImage(ServiceError):
@@ -122,7 +127,7 @@ class QueueFull(ServiceUnavailable):
 
 
 class RateLimited(ServiceUnavailable):
-    """429 from something in front of the service (a proxy or gateway)."""
+    """429: over the key's submission rate (``rate_limited``), or a proxy's limit."""
 
 
 class JobTimeout(ServiceError):
@@ -148,9 +153,16 @@ _BY_CODE: dict[str, type[ServiceError]] = {
     "timeout": JobTimeout,
     "job_expired": JobTimeout,
     "job_failed": JobFailed,
+    "job_too_expensive": ImageTooLarge,
+    "rate_limited": RateLimited,
+    "missing_api_key": AuthenticationError,
+    "invalid_api_key": AuthenticationError,
+    "forbidden": AuthenticationError,
 }
 _BY_STATUS: dict[int, type[ServiceError]] = {
     400: InvalidImage,
+    401: AuthenticationError,
+    403: AuthenticationError,
     404: NotFound,
     413: ImageTooLarge,
     415: UnsupportedImage,

@@ -1,28 +1,38 @@
-"""``python -m service``: the API alone (uvicorn) on ``HOST``:``PORT`` from the settings.
+"""``python -m service``: the API alone on ``HOST``:``PORT`` from the settings.
 
 The container's command, and what ``python -m service.launch`` starts next to Redis and a worker.
+Logs are JSON lines (``LOG_FORMAT``), served by ``service.server`` (uvicorn with header and body
+timeouts).
 """
 
 from __future__ import annotations
 
-import uvicorn
+import sys
 
+from pydantic import ValidationError
+
+from jobqueue.telemetry import configure_logging
 from service.app import create_app
+from service.keys import KeyFileError
+from service.server import serve
 from service.settings import ApiSettings
 
 
-def main() -> None:
-    settings = ApiSettings()
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        # Behind compose / a load balancer the client address comes from X-Forwarded-For.
-        proxy_headers=True,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
+def main() -> int:
+    try:
+        settings = ApiSettings()
+    except ValidationError as exc:
+        print(f"api: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format, "api")
+    try:
+        app = create_app(settings)
+    except KeyFileError as exc:
+        print(f"api: {exc}", file=sys.stderr)
+        return 2
+    serve(app, settings)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

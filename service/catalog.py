@@ -8,6 +8,7 @@ the file twice for nothing.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,14 +98,13 @@ class ModelCatalog:
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
         """Public view of the zoo for ``GET /styles``: every style a request may name (with the
-        model and slot behind it), every upscaler, and the style models themselves; everything
-        but the weights' file path."""
+        model and slot behind it), every upscaler, and the style models themselves.
+
+        Built from an allow-list (``public_entry``): the manifest also records where the
+        training photos and style images lie on the trainer's disk and the hardware it ran
+        on, which tell an outsider about the host and help nobody choose a style."""
         manifest = self.manifest()
         entries = {m.name: m for m in manifest.models}
-
-        def public(entry: ModelEntry) -> dict[str, Any]:
-            return entry.model_dump(mode="json", exclude={"weights"})
-
         styles = []
         for name, ref in sorted(manifest.styles().items()):
             entry = entries[ref.model]
@@ -120,11 +120,69 @@ class ModelCatalog:
                     "strength": "conditional" if ref.identity is not None else "pixel blend",
                     "arch": entry.arch.model_dump(mode="json"),
                     "sha256": entry.sha256,
-                    "metrics": slot.metrics if slot else entry.metrics,
+                    "metrics": scrub(slot.metrics if slot else entry.metrics),
                 }
             )
         return {
             "styles": styles,
-            "upscalers": [public(m) for m in manifest.models if m.kind == "sr"],
-            "models": [public(m) for m in manifest.models if m.kind == "style"],
+            "upscalers": [public_entry(m) for m in manifest.models if m.kind == "sr"],
+            "models": [public_entry(m) for m in manifest.models if m.kind == "style"],
         }
+
+
+_PUBLIC_TRAINING = (
+    "task", "image_size", "batch_size", "iterations", "total_iterations", "lr", "content_weight",
+    "style_weight", "tv_weight", "pixel_weight", "norm", "upsample", "output", "loss", "factor",
+    "optimizer", "precision", "interrupted",
+)  # fmt: skip
+_PRIVATE_KEYS = frozenset(
+    {"hardware", "threads", "photos", "data", "root", "run_dir", "style_image", "vgg_weights",
+     "device", "note", "lineage", "path", "paths", "host"}
+)  # fmt: skip
+_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\.\.?/)")
+
+
+def scrub(value: Any) -> Any:
+    """``value`` without host-specific details: keys that name paths or hardware are dropped,
+    and so is any string that looks like a file path."""
+    if isinstance(value, dict):
+        return {
+            k: scrub(v)
+            for k, v in value.items()
+            if k not in _PRIVATE_KEYS and not (isinstance(v, str) and _PATH.match(v))
+        }
+    if isinstance(value, list):
+        return [scrub(v) for v in value if not (isinstance(v, str) and _PATH.match(v))]
+    return value
+
+
+def public_entry(entry: ModelEntry) -> dict[str, Any]:
+    """One model as ``GET /styles`` shows it: what it is, how it was trained (settings that
+    matter to a user) and how good it is; no file paths, no hardware."""
+    training = {k: entry.training[k] for k in _PUBLIC_TRAINING if k in entry.training}
+    return {
+        "name": entry.name,
+        "kind": entry.kind,
+        "factor": entry.factor,
+        "loss": entry.loss,
+        "description": entry.description,
+        "arch": entry.arch.model_dump(mode="json"),
+        "sha256": entry.sha256,
+        "num_parameters": entry.num_parameters,
+        "iterations": entry.iterations,
+        "created": entry.created,
+        "training": scrub(training),
+        "final_losses": entry.final_losses,
+        "metrics": scrub(entry.metrics),
+        "styles": [
+            {
+                "name": slot.name,
+                "index": slot.index,
+                "role": slot.role,
+                "description": slot.description,
+                "metrics": scrub(slot.metrics),
+            }
+            for slot in entry.styles
+            if slot.public
+        ],
+    }

@@ -1,8 +1,10 @@
 """Error answers: every error is JSON ``{"error": <code>, "detail": <message or list>, ...}``.
 
 Handlers cover the API's own errors, upload validation, FastAPI's request validation, routing
-errors (404/405), Redis outages (503 + Retry-After) and, last, anything unexpected (500, logged):
-a client never sees an HTML or plain-text error page.
+errors (404/405), Redis outages (503 + Retry-After), a client that went away mid-request (logged
+once as such and counted 499, or 408 when the server cut a too-slow upload off; never a 500 with
+a traceback) and, last, anything unexpected (500, logged): a client never sees an HTML or
+plain-text error page. Every 503 carries ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from service.catalog import ManifestError
 from service.images import ImageError
+from service.server import TIMEOUT_STATE
+
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's code for "the client closed the connection before the answer": never sent (there is
+nobody to send it to), but what the access log and the request metrics record."""
 
 log = logging.getLogger("service")
 
@@ -54,10 +63,40 @@ def error_response(
     return JSONResponse(jsonable_encoder(body), status_code=status_code, headers=headers)
 
 
+class ClientGoneError(Exception):
+    """The client disconnected while its request was served (upload aborted, or gone while
+    its job was computed: the job has been cancelled)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def client_gone_response(request: Request, what: str) -> Response:
+    """Record a vanished client as 499 (or 408 when the server timed the upload out)."""
+    timed_out = request.scope.get("state", {}).get(TIMEOUT_STATE) == "body"
+    if timed_out:
+        log.info("upload timed out (too slow): %s", what, extra={"status": 408})
+        return Response(status_code=408)
+    log.info("client closed the connection: %s", what, extra={"status": CLIENT_CLOSED_REQUEST})
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.error, exc.detail, exc.headers, **exc.extra)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = dict(exc.headers)
+        if exc.status_code == 503:
+            headers.setdefault("Retry-After", str(request.app.state.settings.retry_after_s))
+        return error_response(exc.status_code, exc.error, exc.detail, headers, **exc.extra)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+        return client_gone_response(request, f"{request.method} {request.url.path} (upload)")
+
+    @app.exception_handler(ClientGoneError)
+    async def _client_gone(request: Request, exc: ClientGoneError) -> Response:
+        return client_gone_response(request, exc.what)
 
     @app.exception_handler(ImageError)
     async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
@@ -86,10 +125,39 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(ManifestError)
-    async def _manifest_error(_: Request, exc: ManifestError) -> JSONResponse:
-        return error_response(503, "manifest_unavailable", str(exc))
+    async def _manifest_error(request: Request, exc: ManifestError) -> JSONResponse:
+        retry = str(request.app.state.settings.retry_after_s)
+        return error_response(503, "manifest_unavailable", str(exc), {"Retry-After": retry})
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", "unexpected server error")
+    app.add_middleware(UnexpectedErrorMiddleware)
+
+
+class UnexpectedErrorMiddleware:
+    """Anything no handler above knows: one log line with the traceback, a JSON 500.
+
+    A middleware rather than ``exception_handler(Exception)``: Starlette runs that handler in
+    its outermost middleware and then re-raises, so uvicorn logged every such error a second
+    time; caught here, it is logged once."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path", ""))
+            if not started:
+                response = error_response(500, "internal_error", "unexpected server error")
+                await response(scope, receive, send)

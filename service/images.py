@@ -9,6 +9,11 @@ Decisions, documented for callers:
 
 * Formats: PNG, JPEG (and MPO, the multi-picture JPEG of many phones), WebP, GIF, BMP, TIFF, PPM.
   Anything else is 415. Pillow's other plugins (EPS calls Ghostscript, ...) are not reachable.
+  A file that starts like one of these formats but whose header Pillow cannot read (a PNG cut
+  after its signature or IHDR, a 0 x 0 PNG) is a broken image of a supported format: 400, not
+  415.
+* ``probe_image`` reads only the header (size, format) and applies the limits, so the API can
+  refuse or price a job before paying for decoding it.
 * Animated images (GIF, APNG, WebP, multi-page TIFF, MPO): the first frame is used; the rest are
   ignored. ``DecodedImage.animated`` tells the API, which says so in a response header.
 * Alpha is kept: RGBA, LA, palette images with transparency and colour-keyed RGB/L become 4-channel
@@ -78,6 +83,46 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before any pixel is decoded."""
+
+    width: int
+    height: int
+    source_format: str
+
+    def fitted(self, limits: ImageLimits) -> tuple[int, int]:
+        """The size after ``fit_side`` (the size the worker will get)."""
+        width, height = self.width, self.height
+        if limits.fit_side is not None and max(width, height) > limits.fit_side:
+            scale = limits.fit_side / max(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        return width, height
+
+
+# Leading bytes of the supported formats: a file that starts like one of them is that format,
+# broken, when Pillow cannot identify it (400), rather than some other format (415).
+_SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
+    ("PNG", b"\x89PNG\r\n\x1a\n", 0),
+    ("JPEG", b"\xff\xd8\xff", 0),
+    ("GIF", b"GIF87a", 0),
+    ("GIF", b"GIF89a", 0),
+    ("WEBP", b"WEBP", 8),
+    ("BMP", b"BM", 0),
+    ("TIFF", b"II*\x00", 0),
+    ("TIFF", b"MM\x00*", 0),
+)
+
+
+def _looks_like(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] != b"WEBP":
+        return None
+    for name, magic, offset in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """uint8 pixels, H x W x C row-major (C = 3 or 4), ready for ``jobqueue.protocol.Job``."""
 
@@ -123,13 +168,18 @@ def check_limits(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
-    """Validate and decode an upload; raises an ``ImageError`` subclass for every bad input."""
+def _open(data: bytes) -> Image.Image:
     if not data:
         raise EmptyImageError("the request carried no image (empty body)")
     try:
-        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as exc:
+        kind = _looks_like(data)
+        if kind is not None:
+            raise CorruptImageError(
+                f"the data starts like a {kind} file but its header is missing or invalid "
+                "(truncated, or a zero-sized image)"
+            ) from exc
         raise UnsupportedImageError(
             "not an image in a supported format (" + ", ".join(SUPPORTED_FORMATS) + ")"
         ) from exc
@@ -137,6 +187,18 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageTooLargeError(f"decompression bomb refused: {exc}") from exc
     except Exception as exc:  # Pillow's plugins raise many types for a malformed header.
         raise CorruptImageError(f"unreadable image header: {exc}") from exc
+
+
+def probe_image(data: bytes, limits: ImageLimits) -> ImageHeader:
+    """Size and format from the header only, with the limits applied (no pixel decoded)."""
+    with _open(data) as img:
+        check_limits(img.width, img.height, limits)
+        return ImageHeader(img.width, img.height, img.format or "unknown")
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Validate and decode an upload; raises an ``ImageError`` subclass for every bad input."""
+    img = _open(data)
     with img:
         source_format = img.format or "unknown"
         check_limits(img.width, img.height, limits)

@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         api = start_api(env)
         children.append(api)
         workers = 0 if args.no_worker else max(0, args.workers)
+        metrics_base = int(env.get("METRICS_PORT", "9100") or 0)
         for index in range(workers):
-            children.append(start_worker(env, name=f"worker-{index}"))
+            # Each worker serves its metrics on its own port (9100, 9101, ...; 0 = none).
+            worker_env = {**env, "METRICS_PORT": str(metrics_base + index if metrics_base else 0)}
+            children.append(start_worker(worker_env, name=f"worker-{index}"))
         shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         base = f"http://{shown}:{settings.port}"
         wait_http(f"{base}/healthz", 60.0, api)

@@ -4,7 +4,8 @@
 build step) that talks to the same public API as any client: ``GET /styles``, ``POST /stylize``
 or ``/upscale`` with ``?mode=async``, then ``GET /jobs/{id}`` until the image is there. Nothing
 is loaded from another origin, and the Content-Security-Policy below makes the browser enforce
-that, so the page works on a machine without internet access (unlike Swagger's ``/docs``).
+that, so the page works on a machine without internet access (as do ``/docs`` and ``/redoc``,
+whose assets the API serves itself, ``service.app``).
 
 ``GET /styles/{style}/thumbnail`` serves ``<zoo>/thumbnails/<style>.jpg``, made by
 ``scripts/make_thumbnails.py``. Torch-free, like the rest of the API.

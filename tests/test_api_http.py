@@ -123,6 +123,23 @@ def bomb_png(side: int) -> bytes:
     )
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+# A PNG cut after its header, and a PNG that says it is 0 x 0: broken PNGs (400), not some
+# unsupported format (415, as before issue 15).
+HEADER_ONLY_PNG = b"\x89PNG\r\n\x1a\n" + png_chunk(
+    b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0)
+)
+ZERO_PNG = (
+    b"\x89PNG\r\n\x1a\n"
+    + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))
+    + png_chunk(b"IDAT", zlib.compress(b""))
+    + png_chunk(b"IEND", b"")
+)
+
+
 def multipart(data: bytes, field: str = "image") -> dict[str, tuple[str, bytes, str]]:
     return {field: ("upload.png", data, "image/png")}
 
@@ -193,6 +210,12 @@ BAD_UPLOADS = [
      {"files": multipart(b"this is plain text, not pixels")}, 415, "unsupported_image"),
     ("truncated png", "/stylize?style=mosaic",
      {"files": multipart(_truncated(png((48, 48))))}, 400, "corrupt_image"),
+    ("header-only png", "/stylize?style=mosaic", {"files": multipart(HEADER_ONLY_PNG)},
+     400, "corrupt_image"),
+    ("zero-sized png", "/stylize?style=mosaic", {"files": multipart(ZERO_PNG)},
+     400, "corrupt_image"),
+    ("png signature only", "/upscale?factor=4", {"files": multipart(HEADER_ONLY_PNG[:8])},
+     400, "corrupt_image"),
     ("truncated jpeg", "/upscale?factor=4",
      {"content": _truncated(jpeg((48, 48))), "headers": {"content-type": "image/jpeg"}},
      400, "corrupt_image"),
@@ -247,6 +270,8 @@ BAD_UPLOADS = [
     ("factor 2", "/upscale?factor=2", {"files": multipart(png())}, 422, "invalid_factor"),
     ("factor not a number", "/upscale?factor=four", {"files": multipart(png())},
      422, "invalid_request"),
+    ("factor 4.0", "/upscale?factor=4.0", {"files": multipart(png())}, 422, "invalid_request"),
+    ("factor +4", "/upscale?factor=%2B4", {"files": multipart(png())}, 422, "invalid_request"),
     ("missing factor", "/upscale", {"files": multipart(png())}, 422, "invalid_request"),
     ("style model as upscaler", "/upscale?factor=4&model=mosaic", {"files": multipart(png())},
      422, "model_kind_mismatch"),
@@ -352,7 +377,14 @@ def test_backpressure_503_with_retry_after(api: Api, client: httpx.Client) -> No
         assert body["queue_depth"] == 2
     assert stream_length(api) == 2
     metrics = client.get("/metrics").text
-    assert 'imgsvc_jobs_total{op="stylize",outcome="rejected"} 2.0' in metrics
+    assert (
+        'imgsvc_jobs_total{mode="async",model="mosaic",op="stylize",outcome="rejected"} 1.0'
+        in metrics
+    )
+    assert (
+        'imgsvc_jobs_total{mode="sync",model="mosaic",op="stylize",outcome="rejected"} 1.0'
+        in metrics
+    )
     assert "imgsvc_queue_depth 2.0" in metrics
 
 

@@ -61,3 +61,56 @@ def test_bad_values_are_refused(no_settings_env: pytest.MonkeyPatch, name: str, 
     no_settings_env.setenv(name, value)
     with pytest.raises(ValidationError):
         ApiSettings()
+
+
+def test_shared_settings_are_validated_alike_on_both_sides(
+    no_settings_env: pytest.MonkeyPatch,
+) -> None:
+    """CLAIM_IDLE_MS >= 2 x HEARTBEAT_INTERVAL_S is one rule in jobqueue.settings: the API and
+    the worker refuse the same inconsistent pair."""
+    from worker.settings import WorkerSettings
+
+    no_settings_env.setenv("HEARTBEAT_INTERVAL_S", "2")
+    no_settings_env.setenv("CLAIM_IDLE_MS", "3000")
+    for settings in (ApiSettings, WorkerSettings):
+        with pytest.raises(ValidationError, match="CLAIM_IDLE_MS"):
+            settings()
+    no_settings_env.setenv("CLAIM_IDLE_MS", "4000")
+    assert ApiSettings().claim_idle_ms == WorkerSettings().claim_idle_ms == 4000
+    assert ApiSettings().redis_url == WorkerSettings().redis_url  # one default
+
+
+@pytest.mark.parametrize("name", ["AUTH_REQUIRED", "METRICS_ACCESS", "DOCS_ACCESS"])
+def test_restricting_anything_needs_keys(no_settings_env: pytest.MonkeyPatch, name: str) -> None:
+    no_settings_env.setenv(name, "true" if name == "AUTH_REQUIRED" else "admin")
+    with pytest.raises(ValidationError, match="API_KEYS"):
+        ApiSettings()
+    no_settings_env.setenv("API_KEYS", "ops:secret-key:admin")
+    ApiSettings()
+
+
+def test_key_files_hold_hashes_and_bad_lines_stop_the_api(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from service.keys import KeyFileError, KeyStore
+
+    made = subprocess.run(
+        [sys.executable, "-m", "service.keys", "new", "carol", "--scope", "admin"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    key = made.stderr.strip().rsplit(" ", 1)[1]
+    assert key not in made.stdout  # only the hash goes to the file
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(made.stdout)
+    store = KeyStore.load("dev:dev-key-1", keyfile)
+    found = store.find(key)
+    assert found is not None and found.name == "carol" and found.allows("admin")
+    dev = store.find("dev-key-1")
+    assert dev is not None and dev.allows("jobs") and not dev.allows("admin")
+    assert store.find("nope") is None
+    hashed = made.stdout.split()[1]
+    for bad in ("carol plaintext-key\n", "carol sha256:abc\n", f"c {hashed} root\n"):
+        keyfile.write_text(bad)
+        with pytest.raises(KeyFileError):
+            KeyStore.load("", keyfile)

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from imgsvc_client import (
     AsyncClient,
@@ -136,8 +137,14 @@ def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def rejected_count(base_url: str) -> float:
     text = httpx.get(base_url + "/metrics").text
-    prefix = 'imgsvc_jobs_total{op="stylize",outcome="rejected"} '
-    return next((float(ln[len(prefix) :]) for ln in text.splitlines() if ln.startswith(prefix)), 0)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "imgsvc_jobs_total"
+        and sample.labels["op"] == "stylize"
+        and sample.labels["outcome"] == "rejected"
+    )
 
 
 def fill_queue(stack: Stack) -> None:

@@ -1,7 +1,9 @@
 """docker-compose.yml, validated by a real Compose implementation (Debian's ``docker-compose``,
 which checks the schema and references without a Docker engine), then checked for what the
 service needs: a healthy Redis with persistence first, an API whose healthcheck is /readyz on
-its own port, workers that reserve a GPU and can be scaled, and settings that both sides read.
+its own port, published on the loopback interface only, with keys, quotas and restricted metrics;
+workers that reserve a GPU, can be scaled and export metrics that Prometheus scrapes; and
+settings that both sides read.
 """
 
 from __future__ import annotations
@@ -19,7 +21,25 @@ from worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
-SHARED = ("REDIS_URL", "QUEUE_PREFIX", "MODEL_ZOO_DIR", "RESULT_TTL_S")
+SHARED = (
+    "REDIS_URL", "QUEUE_PREFIX", "MODEL_ZOO_DIR", "RESULT_TTL_S", "HEARTBEAT_INTERVAL_S",
+    "CLAIM_IDLE_MS", "LOG_FORMAT",
+)  # fmt: skip
+# Compose turns on what `make run` leaves off (README, "Deployment"); everything else it sets
+# must equal the settings' own defaults.
+COMPOSE_OVERRIDES = {
+    "HOST", "REDIS_URL", "MODEL_ZOO_DIR", "AUTH_REQUIRED", "API_KEYS_FILE", "METRICS_ACCESS",
+    "DOCS_ACCESS", "RATE_LIMIT_PER_MINUTE", "METRICS_HOST",
+}  # fmt: skip
+
+
+def published(port: Any) -> tuple[str, int, int]:
+    """(host ip, published port, container port) of a compose port, short or long form."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "0.0.0.0")), int(port["published"]), int(port["target"])
+    parts = str(port).split("/")[0].split(":")
+    host = parts[0] if len(parts) == 3 else "0.0.0.0"
+    return host, int(parts[-2]), int(parts[-1])
 
 
 def compose_binary() -> str:
@@ -72,7 +92,7 @@ def test_validator_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_services_and_build_files(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {"redis", "api", "worker"}
+    assert set(services) == {"redis", "api", "worker", "prometheus"}
     for name in ("api", "worker"):
         build = services[name]["build"]
         assert Path(build["context"]) == REPO
@@ -95,7 +115,7 @@ def test_api_health_port_and_dependencies(config: dict[str, Any]) -> None:
     env = api["environment"]
     port = int(env["PORT"])
     assert env["HOST"] == "0.0.0.0"
-    assert [p["target"] for p in api["ports"]] == [port]
+    assert [published(p)[2] for p in api["ports"]] == [port]
     check = " ".join(api["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in check
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -125,8 +145,55 @@ def test_environment_is_consistent_with_both_settings(config: dict[str, Any]) ->
     for service in (api, worker):
         assert any(v.split(":")[1] == zoo for v in service["volumes"]), "zoo not mounted"
     # Defaults written in the compose file are the settings' own defaults.
-    for key, value in api["environment"].items():
-        field = ApiSettings.model_fields[key.lower()]
-        if key in ("HOST", "REDIS_URL", "MODEL_ZOO_DIR"):
-            continue
-        assert str(field.default) == str(value) or float(field.default) == float(value), key
+    for settings, service in ((ApiSettings, api), (WorkerSettings, worker)):
+        for key, value in service["environment"].items():
+            if key in COMPOSE_OVERRIDES:
+                continue
+            default = settings.model_fields[key.lower()].default
+            assert str(default) == str(value) or float(default) == float(value), key
+
+
+def test_api_is_published_on_loopback_only(config: dict[str, Any]) -> None:
+    """Exposure: the API listens on 0.0.0.0 inside its container, but the host publishes it on
+    127.0.0.1 (a TLS proxy in front decides what the world sees); Prometheus likewise."""
+    for name in ("api", "prometheus"):
+        for port in config["services"][name]["ports"]:
+            assert published(port)[0] == "127.0.0.1", (name, port)
+
+
+def test_compose_turns_on_keys_quotas_and_restricted_metrics(config: dict[str, Any]) -> None:
+    env = config["services"]["api"]["environment"]
+    assert env["AUTH_REQUIRED"] == "true"
+    assert float(env["RATE_LIMIT_PER_MINUTE"]) > 0
+    assert env["METRICS_ACCESS"] == "admin" and env["DOCS_ACCESS"] in ("key", "admin")
+    secret = env["API_KEYS_FILE"]
+    assert secret == "/run/secrets/api_keys"
+    assert {"source": "api_keys"} in config["services"]["api"]["secrets"]
+    assert "api_keys" in config["secrets"] and "metrics_key" in config["secrets"]
+    # the settings as compose gives them are valid (keys file and restricted metrics agree)
+    ApiSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        auth_required=True,
+        api_keys_file=secret,
+        metrics_access=env["METRICS_ACCESS"],
+        docs_access=env["DOCS_ACCESS"],
+    )
+
+
+def test_prometheus_scrapes_the_api_and_every_worker(config: dict[str, Any]) -> None:
+    prometheus = config["services"]["prometheus"]
+    config_file = ":/etc/prometheus/prometheus.yml:ro"
+    mount = next(v for v in prometheus["volumes"] if v.endswith(config_file))
+    scrape = yaml.safe_load(Path(mount.split(":")[0]).read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    api_job = jobs["imgsvc-api"]
+    api_port = int(config["services"]["api"]["environment"]["PORT"])
+    assert api_job["static_configs"][0]["targets"] == [f"api:{api_port}"]
+    # /metrics needs an admin key: Prometheus sends the metrics_key secret
+    assert api_job["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
+    assert {"source": "metrics_key"} in prometheus["secrets"]
+    worker = config["services"]["worker"]
+    worker_port = int(worker["environment"]["METRICS_PORT"])
+    assert worker["environment"]["METRICS_HOST"] == "0.0.0.0"
+    (dns,) = jobs["imgsvc-worker"]["dns_sd_configs"]
+    assert dns["names"] == ["worker"] and dns["port"] == worker_port  # follows --scale

@@ -331,12 +331,12 @@ def test_metrics_from_real_jobs(client: httpx.Client) -> None:
         line = next(ln for ln in text.splitlines() if ln.startswith(prefix))
         return float(line.rsplit(" ", 1)[1])
 
-    assert value('imgsvc_compute_seconds_count{op="stylize"}') >= 1
-    assert value('imgsvc_encode_seconds_count{op="stylize"}') >= 1
-    assert value('imgsvc_queue_wait_seconds_count{op="stylize"}') >= 1
+    assert value('imgsvc_compute_seconds_count{model="mosaic",op="stylize"}') >= 1
+    assert value('imgsvc_encode_seconds_count{model="mosaic",op="stylize"}') >= 1
+    assert value('imgsvc_queue_wait_seconds_count{model="mosaic",op="stylize"}') >= 1
     assert value('imgsvc_batch_size_count{op="stylize"}') >= 1
-    assert value('imgsvc_image_latency_seconds_count{op="stylize"}') >= 1
-    assert value('imgsvc_jobs_total{op="stylize",outcome="ok"}') >= 1
+    assert value('imgsvc_image_latency_seconds_count{mode="sync",model="mosaic",op="stylize"}') >= 1
+    assert value('imgsvc_jobs_total{mode="sync",model="mosaic",op="stylize",outcome="ok"}') >= 1
     assert value('imgsvc_http_requests_total{method="POST",route="/stylize",status="200"}') >= 1
     assert value("imgsvc_live_workers") >= 1
     assert value("imgsvc_redis_up") == 1

@@ -505,3 +505,29 @@ def test_openvino_precision_is_calibrated_against_pytorch_fp32(tiny_zoo: Path) -
     pixels = image(48, 48, seed=3)
     (out,) = engine.run([("tiny_style", pixels)])
     assert psnr(out.pixels, reference(tiny_zoo, "tiny_style", pixels)) >= 40
+
+
+def test_should_stop_drops_a_request_between_passes_and_spares_the_others(
+    tiny_zoo: Path,
+) -> None:
+    """The cancellation hook: called before every forward pass (so between tiles); a request
+    it names is not computed further, its batch-mates are, with their exact pixels."""
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", tile_size=64, max_batch=1)
+    big, small = image(150, 190, seed=8), image(20, 24, seed=9)
+    (alone,) = engine.run([("tiny_style", small)])
+    calls: list[int] = []
+
+    def should_stop() -> set[int]:
+        calls.append(len(calls))
+        return {0} if len(calls) >= 3 else set()
+
+    stopped, kept = engine.run([("tiny_style", big), ("tiny_style", small)], should_stop)
+    plan = engine._tile_plan(engine.model("tiny_style"), 152, 192)
+    assert plan is not None
+    passes_if_finished = 2 + len(plan.tiles)  # stats pass + small image, then every tile
+    assert stopped.stopped and stopped.pixels.size == 0
+    assert not kept.stopped and np.array_equal(kept.pixels, alone.pixels)
+    assert len(calls) == 3 < passes_if_finished  # asked before each pass it still ran
+    # without the hook, the same engine computes everything
+    finished, _ = engine.run([("tiny_style", big), ("tiny_style", small)])
+    assert not finished.stopped and finished.pixels.shape == (150, 190, 3)

@@ -21,7 +21,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, Keys
+from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, JobStatus, Keys
 from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model
 from worker.engine import Engine
@@ -182,7 +182,8 @@ def test_job_on_the_stream_gets_the_models_pixels(
         assert jpeg.format == "JPEG" and jpeg.size == (416, 320)
 
         for job in jobs.values():
-            assert queue.redis.get(queue.keys.status(job.job_id)) == b"done"
+            status = JobStatus.decode(queue.redis.get(queue.keys.status(job.job_id)))
+            assert (status.state, status.job_id, status.model) == ("done", job.job_id, job.model)
             assert 0 < queue.redis.ttl(queue.keys.result(job.job_id)) <= 600
         assert_drained(queue)
 
@@ -215,7 +216,7 @@ def test_bad_jobs_get_error_results_and_the_worker_survives(
             (malformed_id, b"422")
         ]
         assert dead[1][1][b"dead_source_id"] == no_id
-        assert queue.redis.get(queue.keys.status(malformed_id)) == b"failed"
+        assert JobStatus.decode(queue.redis.get(queue.keys.status(malformed_id))).state == "failed"
         assert_drained(queue)
         assert worker.process.poll() is None
 

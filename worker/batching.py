@@ -45,6 +45,22 @@ def collect(
     items = read(max_batch, max(1, block_ms))
     if not items:
         return []
+    return fill(
+        items, read, max_batch=max_batch, max_wait_ms=max_wait_ms, should_stop=should_stop
+    )
+
+
+def fill(
+    items: list[T],
+    read: Callable[[int, int | None], list[T]],
+    *,
+    max_batch: int,
+    max_wait_ms: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[T]:
+    """The window of ``collect`` after its first read: poll without blocking until
+    ``max_batch`` items are in hand or ``max_wait_ms`` has passed (for callers that got their
+    first items from a non-blocking read)."""
     deadline = time.monotonic() + max_wait_ms / 1000
     interval = poll_interval_ms(max_wait_ms) / 1000
     while len(items) < max_batch and not should_stop():

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -124,6 +124,8 @@ class EngineOutput:
     """H x W x 3|4 uint8 (alpha kept when the request had it)."""
     batch_size: int
     """Most requests that shared one forward pass with this one (1 = ran alone)."""
+    stopped: bool = False
+    """``should_stop`` dropped the request before it was finished: ``pixels`` is empty."""
 
 
 @dataclass
@@ -143,6 +145,7 @@ class _Request:
     output: torch.Tensor | None = None
     accumulator: TileAccumulator | None = None
     batch_size: int = 1
+    stopped: bool = False
 
 
 @dataclass
@@ -380,7 +383,9 @@ class Engine:
         out = out.float()
         return [out[i, :, : h * f, : w * f] for i, (h, w) in enumerate(sizes)], stats
 
-    def _run_units(self, model: LoadedModel, units: list[_Unit]) -> None:
+    def _run_units(
+        self, model: LoadedModel, units: list[_Unit], poll: Callable[[], None] | None = None
+    ) -> None:
         if not units:
             return
         groups = pack(
@@ -391,7 +396,13 @@ class Engine:
             scale=model.factor,
         )
         for group in groups:
-            members = [units[i] for i in group.members]
+            if all(units[i].request.stopped for i in group.members):
+                continue
+            if poll is not None:
+                poll()  # between forward passes (and so between tiles): drop stopped requests
+            members = [units[i] for i in group.members if not units[i].request.stopped]
+            if not members:
+                continue
             outputs, stats = self._forward(
                 model,
                 [u.tensor for u in members],
@@ -445,10 +456,17 @@ class Engine:
     def run(
         self,
         requests: Sequence[tuple[str, np.ndarray] | tuple[str, np.ndarray, StyleControls]],
+        should_stop: Callable[[], Collection[int]] | None = None,
     ) -> list[EngineOutput]:
         """Compute every request (model name, H x W x 3|4 uint8, optional style controls).
         Raises on any failure (model unknown, image too small for the net, a slot the net does
-        not have, out of memory): the caller retries one by one."""
+        not have, out of memory): the caller retries one by one.
+
+        ``should_stop``, if given, is called before every forward pass (so between the tiles of
+        a big image too) and returns the indices of the requests nobody waits for any more
+        (cancelled, past their deadline): their remaining passes are skipped and their output
+        comes back ``stopped``. The caller may also use the call to do other work between two
+        passes (the worker computes small jobs there while a big one runs)."""
         states: list[_Request] = []
         for index, request in enumerate(requests):
             name, pixels = request[0], request[1]
@@ -469,11 +487,21 @@ class Engine:
                 _Request(index, model, height, width, padded, alpha, plan, controls, style)
             )
 
+        poll: Callable[[], None] | None = None
+        if should_stop is not None:
+            stop = should_stop
+
+            def drop_stopped() -> None:
+                for index in stop():
+                    states[index].stopped = True
+
+            poll = drop_stopped
+
         by_model: dict[str, list[_Request]] = {}
         for state in states:
             by_model.setdefault(state.model.name, []).append(state)
         for name, group in by_model.items():
-            self._run_model(self.models[name], group)
+            self._run_model(self.models[name], group, poll)
         return [self._finish(state) for state in states]
 
     def _style_row(self, model: LoadedModel, controls: StyleControls) -> torch.Tensor | None:
@@ -497,7 +525,12 @@ class Engine:
             row[0, controls.identity] += 1.0 - controls.strength
         return row.to(self.device)
 
-    def _run_model(self, model: LoadedModel, requests: list[_Request]) -> None:
+    def _run_model(
+        self,
+        model: LoadedModel,
+        requests: list[_Request],
+        poll: Callable[[], None] | None = None,
+    ) -> None:
         # Pass 1: whole images, plus the statistics pass of tiled InstanceNorm images.
         first: list[_Unit] = []
         for request in requests:
@@ -507,20 +540,24 @@ class Engine:
                 first.append(
                     _Unit(request, self._stats_input(request), None, _store_stats(request), True)
                 )
-        self._run_units(model, first)
+        self._run_units(model, first, poll)
         # Pass 2: tiles, normalised with their image's statistics.
         second: list[_Unit] = []
         for request in requests:
-            if request.plan is None:
+            if request.plan is None or request.stopped:
                 continue
             request.accumulator = TileAccumulator(request.plan, model.factor)
             for tile in request.plan.tiles:
                 view = request.padded[..., tile.top : tile.bottom, tile.left : tile.right]
                 second.append(_Unit(request, view, request.stats, _accumulate(request, tile)))
-        self._run_units(model, second)
+        self._run_units(model, second, poll)
 
     def _finish(self, request: _Request) -> EngineOutput:
         f = request.model.factor
+        if request.stopped:
+            channels = 3 if request.alpha is None else 4
+            empty = np.zeros((0, 0, channels), np.uint8)
+            return EngineOutput(empty, request.batch_size, stopped=True)
         if request.accumulator is not None:
             image = request.accumulator.image
         else:

@@ -1,43 +1,47 @@
-"""``python -m worker``: take jobs from the Redis stream, compute them in batches, store results.
+"""``python -m worker``: take jobs from the Redis streams, compute them in batches, store results.
 
-One loop iteration (see ``jobqueue.protocol`` for the keys):
+How jobs are read, claimed, stored and acknowledged is ``jobqueue.consumer``'s; this module holds
+the worker's decisions. One loop iteration:
 
-1. Every ``CLAIM_IDLE_MS / 2`` (at most 5 s), ``XAUTOCLAIM`` jobs that have been pending longer
-   than ``CLAIM_IDLE_MS`` - their worker died. Reclaimed jobs run one at a time, so a job that
-   kills its worker cannot take innocent batch-mates down with it again; ``XPENDING`` gives
-   each one's delivery count and beyond ``MAX_DELIVERIES`` it is dead-lettered and its caller
-   gets a 503 instead of a hang.
-2. Otherwise ``XREADGROUP`` new jobs: up to ``MAX_BATCH``, waiting ``MAX_WAIT_MS`` after the
-   first (``worker.batching.collect``). Only the read for the first job blocks; the window after
-   it is polled without ``BLOCK``, because Redis times out blocked reads on its timer tick (100
-   ms at the default ``hz 10``), which would turn a 10 ms window into ~100 ms.
+1. Every ``CLAIM_IDLE_MS / 2`` (at most 5 s), take over jobs pending longer than
+   ``CLAIM_IDLE_MS`` - their worker died. Reclaimed jobs run one at a time, so a job that kills
+   its worker cannot take innocent batch-mates down with it again; beyond ``MAX_DELIVERIES`` it
+   is dead-lettered and its caller gets a 503 instead of a hang.
+2. Otherwise read the **interactive** lane: up to ``MAX_BATCH`` jobs, waiting ``MAX_WAIT_MS``
+   after the first (``worker.batching``; only the read for the first job blocks, because Redis
+   times out blocked reads on its 100 ms timer tick). When it is empty, take one job of the
+   **bulk** lane (jobs the API estimated at ``BULK_LANE_COST_S`` or more), which runs alone.
 3. Triage without computing: malformed entries -> dead-letter + 422; deadline passed -> 504;
-   cancel key set -> dropped; unknown model -> 404; wrong op for the model -> 422.
-4. Compute the rest as one ``Engine.run``; if that raises, run them one by one so one bad job
-   cannot fail its batch-mates, and a job that still fails gets an error result (and is
+   cancel marker set -> dropped; unknown model -> 404; wrong op for the model -> 422.
+4. Compute the rest as one ``Engine.run``. Before every forward pass (so between the tiles of a
+   big image) the engine asks ``_PassWatch`` which jobs to drop: those whose caller cancelled
+   (504, disconnect, ``DELETE /jobs/{id}``) or whose deadline passed are stopped there, not
+   computed to the end for nobody. While a bulk job runs, the same call computes any
+   interactive jobs that arrived (a nested ``process``), so a big job delays small ones by one
+   forward pass, not by its whole run. If the batch raises, its jobs run one by one so one bad
+   job cannot fail its batch-mates; a job that still fails gets an error result (and is
    dead-lettered) - the worker itself never dies on input.
-5. Store each result (SET result, RPUSH done, SET status; all with ``RESULT_TTL_S``), then
-   ``XACK`` + ``XDEL``, all in one MULTI/EXEC: a result is never acknowledged without being stored.
+5. Store each result and acknowledge every entry in one MULTI/EXEC: a result is never
+   acknowledged without being stored.
 
-While a batch computes, a heartbeat thread refreshes the ``worker:{id}`` key and re-claims the
-jobs in flight for this same consumer (``XCLAIM ... JUSTID``, which does not count as a
-delivery), so a slow batch is not mistaken for a dead worker. SIGTERM/SIGINT: the batch in
-flight finishes and is stored, no new jobs are taken, the heartbeat key is removed, exit 0.
+The worker measures its own cost per model (``worker.costs``: at start-up, then from the jobs it
+computes) and publishes it for the API's admission. A heartbeat thread refreshes the worker's key,
+its claims on the jobs in flight (so a slow batch is not mistaken for a dead worker) and the
+costs. SIGTERM/SIGINT: the batch in flight finishes and is stored, no new jobs are taken, the
+heartbeat key is removed, exit 0. Metrics: ``worker.metrics`` on ``METRICS_PORT``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import numpy as np
@@ -45,32 +49,23 @@ import redis
 import torch
 from pydantic import ValidationError
 
-from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, Keys
+from jobqueue.consumer import Consumer, Entry, Outcome
+from jobqueue.protocol import CONTENT_TYPES, OPERATIONS, Job, JobResult, JobStatus
+from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
-from worker.batching import collect
-from worker.encoding import CONTENT_TYPES, EncodeOptions, encode
-from worker.engine import Engine
+from worker.batching import collect, fill
+from worker.costs import CostTracker, probe
+from worker.encoding import EncodeOptions, encode
+from worker.engine import Engine, EngineOutput
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")
 
 BLOCK_MS = 500
 """The blocking read for a batch's first job (a new job ends it at once; only an idle timeout
-is rounded up to Redis' timer tick): bounds how late a stop signal is noticed while idle."""
-DEAD_LETTER_MAXLEN = 1000
-DEAD_LETTER_MAX_PIXEL_BYTES = 4 << 20
-"""Dead-lettered entries keep their pixels (for replaying) only up to this size."""
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
-OPERATIONS = {"stylize": "style", "upscale": "sr"}
-
-
-@dataclass
-class Entry:
-    """A stream entry as delivered to this consumer."""
-
-    entry_id: str
-    fields: dict[bytes, bytes] | None
-    deliveries: int = 1
+is rounded up to Redis' timer tick): bounds how late a stop signal or a bulk job is noticed
+while idle."""
 
 
 @dataclass
@@ -84,18 +79,91 @@ def _seconds(value: float) -> float:
     return round(max(value, 0.0), 6)
 
 
+@dataclass
+class _PassWatch:
+    """The engine's ``should_stop`` for one batch: called before every forward pass.
+
+    Reads the batch's cancel markers (at most every ``STOP_CHECK_INTERVAL_S``) and deadlines,
+    and returns the jobs to drop; times the passes; and, for a bulk batch, computes the
+    interactive jobs waiting at that moment (preemption at pass boundaries)."""
+
+    worker: Worker
+    work: list[_Work]
+    preempt: bool
+    reasons: dict[int, str] = field(default_factory=dict)
+    nested_s: float = 0.0
+    passes: int = 0
+    _last_pass: float | None = None
+    _last_check: float = field(default_factory=time.perf_counter)
+
+    def __call__(self) -> set[int]:
+        now = time.perf_counter()
+        self._end_pass(now)
+        if now - self._last_check >= self.worker.settings.stop_check_interval_s:
+            self._last_check = now
+            self._check(time.time())
+        if self.preempt and not self.worker.stopping.is_set():
+            self._run_interactive()
+        self._last_pass = time.perf_counter()
+        self.passes += 1
+        return set(self.reasons)
+
+    def finish(self) -> None:
+        self._end_pass(time.perf_counter())
+
+    def _end_pass(self, now: float) -> None:
+        if self._last_pass is not None:
+            models = {w.job.model for w in self.work}
+            label = models.pop() if len(models) == 1 else "mixed"
+            self.worker.metrics.pass_seconds.labels(label).observe(now - self._last_pass)
+            self._last_pass = None
+
+    def _check(self, wall: float) -> None:
+        # Cancel markers first: a caller that said it left needs no 504 result stored.
+        open_ids = [w.job.job_id for i, w in enumerate(self.work) if i not in self.reasons]
+        try:
+            cancelled = self.worker.consumer.cancelled(open_ids)
+        except redis.RedisError as exc:  # keep computing; the next check may get through
+            log.warning("cancel check failed: %s", exc)
+            cancelled = set()
+        for index, w in enumerate(self.work):
+            if index in self.reasons:
+                continue
+            if w.job.job_id in cancelled:
+                self.reasons[index] = "cancelled"
+            elif w.job.deadline and wall > w.job.deadline:
+                self.reasons[index] = "deadline"
+
+    def _run_interactive(self) -> None:
+        started = time.perf_counter()
+        try:
+            entries = self.worker.consumer.read(
+                "interactive", self.worker.settings.max_batch, None
+            )
+            if entries:
+                self.worker.metrics.preemptions.inc()
+                log.info("bulk job paused for %d interactive job(s)", len(entries))
+                self.worker.process(entries, nested=True)
+        except Exception:  # the bulk job goes on; unfinished entries are reclaimed later
+            log.exception("interactive jobs inside a bulk job failed")
+        self.nested_s += time.perf_counter() - started
+
+
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        consumer: Consumer | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
-        self.keys = Keys(settings.queue_prefix)
         self.worker_id = settings.worker_id
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=max(10.0, 4 * BLOCK_MS / 1000),
-            socket_connect_timeout=5.0,
-            health_check_interval=30,
-        )
+        self.consumer = consumer or Consumer.from_settings(settings, settings.worker_id)
+        self.keys = self.consumer.keys
+        self.metrics = metrics or WorkerMetrics()
+        self.costs = CostTracker(self.worker_id, str(engine.device))
         self.encode_options = EncodeOptions(
             png_compress_level=settings.png_compress_level,
             jpeg_quality=settings.jpeg_quality,
@@ -103,12 +171,9 @@ class Worker:
         )
         self.stopping = threading.Event()
         self.heartbeat_done = threading.Event()
-        self.in_flight: set[str] = set()
-        self.lock = threading.Lock()
         self.jobs_done = 0
         self.jobs_failed = 0
         self.started_at = time.time()
-        self.claim_cursor = "0-0"
         self.last_claim = 0.0
         self.claim_every_s = min(settings.claim_idle_ms / 2000, 5.0)
 
@@ -129,14 +194,26 @@ class Worker:
         signal.signal(signal.SIGINT, handle)
 
     def ensure_group(self) -> None:
-        """Create the consumer group (and stream). From id 0: jobs queued before any worker
-        existed are served too (processed entries are deleted, so 0 means "all waiting")."""
-        try:
-            self.redis.xgroup_create(self.keys.stream, CONSUMER_GROUP, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", CONSUMER_GROUP, self.keys.stream)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        if self.consumer.ensure_groups():
+            log.info("created consumer group on %s", ", ".join(self.keys.streams))
+
+    def measure_costs(self, names: list[str]) -> None:
+        """Time one pass of each loaded model (``worker.costs.probe``) so the API can admit
+        jobs by cost before this worker has computed any."""
+        for name in names:
+            try:
+                seconds, pixels = probe(self.engine, name, self.settings.cost_probe_side)
+            except Exception:  # a model that cannot be probed is still served
+                log.exception("could not measure the cost of %s", name)
+                continue
+            self.costs.record(name, seconds, pixels, probe=True)
+            cost = self.costs.get(name)
+            if cost is not None:
+                self.metrics.cost.labels(name).set(cost.seconds_per_megapixel)
+                log.info("model %s costs %.3f s per output megapixel", name,
+                         cost.seconds_per_megapixel)  # fmt: skip
+        with contextlib.suppress(redis.RedisError):
+            self.consumer.publish_costs(self.costs.take_changes())
 
     def run(self) -> int:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -155,12 +232,12 @@ class Worker:
                             self.process(batch)
                     backoff = 0.1
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    self._forget_in_flight()
+                    self.consumer.forget_in_flight()
                     log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                 except redis.ResponseError as exc:
-                    self._forget_in_flight()
+                    self.consumer.forget_in_flight()
                     if "NOGROUP" in str(exc):  # Redis restarted empty or the stream was deleted.
                         group_ready = False
                         continue
@@ -171,7 +248,7 @@ class Worker:
                     # A bug, not bad input (that is answered in process()). Keep serving; the
                     # batch's jobs become claimable again and, if they keep failing, end in
                     # the dead-letter stream rather than taking the worker down.
-                    self._forget_in_flight()
+                    self.consumer.forget_in_flight()
                     log.exception("unexpected error while processing a batch")
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -179,7 +256,7 @@ class Worker:
             self.heartbeat_done.set()
             beat.join(timeout=5)
             with contextlib.suppress(redis.RedisError):
-                self.redis.delete(self.keys.heartbeat(self.worker_id))
+                self.consumer.remove_heartbeat()
         log.info("stopped after %d jobs (%d failed)", self.jobs_done, self.jobs_failed)
         return 0
 
@@ -198,136 +275,91 @@ class Worker:
                 return
 
     def _beat(self) -> None:
-        key = self.keys.heartbeat(self.worker_id)
         if self.stopping.is_set():
-            self.redis.delete(key)  # draining: no longer a worker that takes jobs
+            self.consumer.remove_heartbeat()  # draining: no longer a worker that takes jobs
         else:
             info = {
                 "worker_id": self.worker_id,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "models": sorted(list(self.engine.models)),
+                "models": sorted(self.engine.models),
                 "device": str(self.engine.device),
                 "precision": self.engine.precision,
                 "max_batch_pixels": self.engine.max_batch_pixels,
                 "started_at": self.started_at,
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
-                "in_flight": len(self.in_flight),
+                "in_flight": self.consumer.in_flight,
             }
-            self.redis.set(key, json.dumps(info), px=self.settings.heartbeat_ttl_ms)
-        with self.lock:
-            ids = set(self.in_flight)
-        if ids:
-            pending = self.redis.xpending_range(
-                self.keys.stream,
-                CONSUMER_GROUP,
-                "-",
-                "+",
-                count=10_000,
-                consumername=self.worker_id,
-            )
-            mine = [p["message_id"] for p in pending if p["message_id"].decode() in ids]
-            if mine:
-                self.redis.xclaim(
-                    self.keys.stream,
-                    CONSUMER_GROUP,
-                    self.worker_id,
-                    min_idle_time=0,
-                    message_ids=mine,
-                    justid=True,
-                )
+            self.consumer.heartbeat(info, self.settings.heartbeat_ttl_ms)
+        self.metrics.in_flight.set(self.consumer.in_flight)
+        self.consumer.refresh_claims()
+        changed = self.costs.take_changes()
+        if changed:
+            self.consumer.publish_costs(changed)
 
     # -------------------------------------------------------------------------- reading
 
     def next_batch(self) -> tuple[list[Entry], bool]:
-        """Reclaimed jobs first (to be run one at a time), else fresh ones."""
+        """Reclaimed jobs first (run one at a time), then interactive ones (batched), then one
+        bulk job (alone). The bool says whether to run the entries one at a time."""
         now = time.monotonic()
         if now - self.last_claim >= self.claim_every_s:
             self.last_claim = now
-            claimed = self.reclaim()
+            claimed = self.consumer.reclaim(self.settings.max_batch)
             if claimed:
+                log.info(
+                    "reclaimed %d job(s) idle > %d ms: %s",
+                    len(claimed),
+                    self.settings.claim_idle_ms,
+                    ", ".join(f"{e.entry_id} (delivery {e.deliveries})" for e in claimed),
+                )
                 return claimed, True
+        settings = self.settings
+        entries = self._read_interactive(settings.max_batch, None)
+        if entries:
+            filled = fill(
+                entries,
+                self._read_interactive,
+                max_batch=settings.max_batch,
+                max_wait_ms=settings.max_wait_ms,
+                should_stop=self.stopping.is_set,
+            )
+            return filled, False
+        bulk = self.consumer.read("bulk", 1, None)
+        if bulk:
+            return bulk, True
         entries = collect(
-            self._read_new,
-            max_batch=self.settings.max_batch,
-            max_wait_ms=self.settings.max_wait_ms,
+            self._read_interactive,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
             block_ms=BLOCK_MS,
             should_stop=self.stopping.is_set,
         )
         return entries, False
 
-    def _read_new(self, count: int, block_ms: int | None) -> list[Entry]:
-        """Up to ``count`` new entries; ``block_ms=None`` does not block (see ``collect``)."""
-        response = self.redis.xreadgroup(
-            CONSUMER_GROUP, self.worker_id, {self.keys.stream: ">"}, count=count, block=block_ms
-        )
-        entries = [
-            Entry(entry_id.decode(), fields or None)
-            for _stream, messages in (response or [])
-            for entry_id, fields in messages
-        ]
-        self._track(entries)
-        return entries
-
-    def reclaim(self) -> list[Entry]:
-        response = self.redis.xautoclaim(
-            self.keys.stream,
-            CONSUMER_GROUP,
-            self.worker_id,
-            min_idle_time=self.settings.claim_idle_ms,
-            start_id=self.claim_cursor,
-            count=self.settings.max_batch,
-        )
-        cursor, messages = response[0], response[1]
-        self.claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        entries = [Entry(entry_id.decode(), fields or None) for entry_id, fields in messages]
-        if not entries:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for entry in entries:
-            pipe.xpending_range(self.keys.stream, CONSUMER_GROUP, entry.entry_id, entry.entry_id, 1)
-        for entry, info in zip(entries, pipe.execute(), strict=True):
-            entry.deliveries = int(info[0]["times_delivered"]) if info else 1
-        log.info(
-            "reclaimed %d job(s) idle > %d ms: %s",
-            len(entries),
-            self.settings.claim_idle_ms,
-            ", ".join(f"{e.entry_id} (delivery {e.deliveries})" for e in entries),
-        )
-        self._track(entries)
-        return entries
-
-    def _track(self, entries: list[Entry]) -> None:
-        with self.lock:
-            self.in_flight.update(e.entry_id for e in entries)
-
-    def _forget_in_flight(self) -> None:
-        """Stop refreshing jobs we read but could not finish (Redis failed mid-batch), so that
-        they become claimable after ``CLAIM_IDLE_MS`` - by us or another worker."""
-        with self.lock:
-            self.in_flight.clear()
+    def _read_interactive(self, count: int, block_ms: int | None) -> list[Entry]:
+        return self.consumer.read("interactive", count, block_ms)
 
     # ----------------------------------------------------------------------- processing
 
-    def process(self, entries: list[Entry]) -> None:
+    def process(self, entries: list[Entry], *, nested: bool = False) -> None:
         """Triage, compute and answer ``entries``, then acknowledge them in the same
-        transaction as their results."""
+        transaction as their results. ``nested``: called between the passes of a bulk job."""
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            work = self._triage(entries, pipe)
+            outcome = self.consumer.outcome()
+            work = self._triage(entries, outcome)
             if work:
-                self._set_status([w.job.job_id for w in work], "running")
-                self._compute(work, pipe)
-            ids = [e.entry_id for e in entries]
-            pipe.xack(self.keys.stream, CONSUMER_GROUP, *ids)
-            pipe.xdel(self.keys.stream, *ids)
-            pipe.execute()
+                self.consumer.set_status(
+                    JobStatus.for_job(w.job, "running", self.worker_id) for w in work
+                )
+                preempt = not nested and any(w.job.lane == "bulk" for w in work)
+                self._compute(work, outcome, preempt=preempt)
+            outcome.commit(entries)
         finally:
-            with self.lock:
-                self.in_flight.difference_update(e.entry_id for e in entries)
+            self.consumer.release(entries)
 
-    def _triage(self, entries: list[Entry], pipe: redis.client.Pipeline) -> list[_Work]:
+    def _triage(self, entries: list[Entry], outcome: Outcome) -> list[_Work]:
         """Everything that can be decided without computing; returns the jobs to compute."""
         parsed: list[tuple[Entry, Job]] = []
         for entry in entries:
@@ -336,217 +368,279 @@ class Worker:
             try:
                 job = Job.from_fields(entry.fields)
             except ValueError as exc:
-                self._fail(
-                    pipe, entry, _job_id(entry.fields), 422, f"malformed job: {exc}", dead=True
-                )
+                self._fail(outcome, entry, entry.job_id(), 422, f"malformed job: {exc}",
+                           dead=True, code="malformed_job")  # fmt: skip
                 continue
             if entry.deliveries > self.settings.max_deliveries:
                 self._fail(
-                    pipe,
+                    outcome,
                     entry,
-                    job.job_id,
+                    job,
                     503,
                     f"job abandoned: its worker died {entry.deliveries - 1} times while "
                     "computing it",
                     dead=True,
+                    code="job_abandoned",
                 )
                 continue
             if job.output_format not in CONTENT_TYPES or job.op not in OPERATIONS:
                 self._fail(
-                    pipe,
+                    outcome,
                     entry,
-                    job.job_id,
+                    job,
                     422,
                     f"malformed job: op {job.op!r} / output_format {job.output_format!r}",
                     dead=True,
+                    code="malformed_job",
                 )
                 continue
             parsed.append((entry, job))
         if not parsed:
             return []
 
-        check = self.redis.pipeline(transaction=False)
-        for _entry, job in parsed:
-            check.exists(self.keys.cancel(job.job_id))
-            check.exists(self.keys.result(job.job_id))
-        flags = check.execute()
+        ids = [job.job_id for _, job in parsed]
+        cancelled = self.consumer.cancelled(ids)
+        stored = self.consumer.stored(ids)
         now = time.time()
         work: list[_Work] = []
-        for k, (entry, job) in enumerate(parsed):
-            cancelled, has_result = flags[2 * k], flags[2 * k + 1]
-            if cancelled:
-                log.info("job %s cancelled by its caller: not computed", job.job_id)
-                continue
-            if entry.deliveries > 1 and has_result:
-                continue  # stored by a worker that died before acknowledging
-            if job.deadline and now > job.deadline:
-                log.info(
-                    "job %s: deadline passed %.2fs ago: not computed",
-                    job.job_id,
-                    now - job.deadline,
-                )
-                self._fail(
-                    pipe,
-                    entry,
-                    job.job_id,
-                    504,
-                    "deadline passed before a worker was free; not computed",
-                    queue=now - job.enqueued_at,
-                )
-                continue
-            try:
-                model = self.engine.model(job.model)
-            except ModelNotFoundError as exc:
-                self._fail(pipe, entry, job.job_id, 404, str(exc))
-                continue
-            except Exception as exc:  # corrupt weights, unreadable zoo: not the caller's fault
-                log.error("model %s unavailable: %s", job.model, exc)
-                self._fail(pipe, entry, job.job_id, 503, f"model {job.model!r} unavailable")
-                continue
-            if model.kind != OPERATIONS[job.op]:
-                verb = "upscale" if model.kind == "sr" else "stylize"
-                self._fail(
-                    pipe,
-                    entry,
-                    job.job_id,
-                    422,
-                    f"model {job.model!r} is a {model.kind} model: use {verb}",
-                )
-                continue
+        for entry, job in parsed:
+            with log_context(request_id=job.request_id, job_id=job.job_id):
+                if job.job_id in cancelled:
+                    log.info("job %s cancelled by its caller: not computed", job.job_id)
+                    outcome.mark(JobStatus.for_job(job, "cancelled", self.worker_id))
+                    self.metrics.jobs.labels(job.model, "cancelled").inc()
+                    continue
+                if entry.deliveries > 1 and job.job_id in stored:
+                    continue  # stored by a worker that died before acknowledging
+                if job.deadline and now > job.deadline:
+                    log.info("job %s: deadline passed %.2fs ago: not computed", job.job_id,
+                             now - job.deadline)  # fmt: skip
+                    self._fail(
+                        outcome,
+                        entry,
+                        job,
+                        504,
+                        "deadline passed before a worker was free; not computed",
+                        queue=now - job.enqueued_at,
+                        code="deadline_exceeded",
+                        metric="expired",
+                    )
+                    continue
+                try:
+                    model = self.engine.model(job.model)
+                except ModelNotFoundError as exc:
+                    self._fail(outcome, entry, job, 404, str(exc), code="unknown_model")
+                    continue
+                except Exception as exc:  # corrupt weights, unreadable zoo: not the caller's
+                    log.error("model %s unavailable: %s", job.model, exc)
+                    self._fail(outcome, entry, job, 503, f"model {job.model!r} unavailable",
+                               code="model_unavailable")  # fmt: skip
+                    continue
+                if model.kind != OPERATIONS[job.op]:
+                    verb = "upscale" if model.kind == "sr" else "stylize"
+                    self._fail(
+                        outcome,
+                        entry,
+                        job,
+                        422,
+                        f"model {job.model!r} is a {model.kind} model: use {verb}",
+                        code="model_kind_mismatch",
+                    )
+                    continue
             pixels = np.frombuffer(job.pixels, dtype=np.uint8).reshape(
                 job.height, job.width, job.channels
             )
             work.append(_Work(entry, job, pixels))
         return work
 
-    def _compute(self, work: list[_Work], pipe: redis.client.Pipeline) -> None:
+    def _compute(self, work: list[_Work], outcome: Outcome, *, preempt: bool) -> None:
         started_wall = time.time()
         started = time.perf_counter()
+        watch = _PassWatch(self, work, preempt)
+        requests = [(w.job.model, w.pixels, w.job.controls) for w in work]
+        results: list[tuple[int, EngineOutput, float]] = []
         try:
-            outputs = self.engine.run([(w.job.model, w.pixels, w.job.controls) for w in work])
-            compute = time.perf_counter() - started
-            results = [(w, out, compute) for w, out in zip(work, outputs, strict=True)]
+            outputs = self.engine.run(requests, should_stop=watch)
+            watch.finish()
+            compute = time.perf_counter() - started - watch.nested_s
+            results = [(i, out, compute) for i, out in enumerate(outputs)]
+            self._learn_cost(work, outputs, compute)
         except Exception:
+            watch.finish()
             if len(work) > 1:
                 log.exception("batch of %d failed; retrying its jobs one by one", len(work))
-            results = []
-            for w in work:
-                single_started = time.perf_counter()
-                try:
-                    (output,) = self.engine.run([(w.job.model, w.pixels, w.job.controls)])
-                except Exception as exc:
-                    if len(work) == 1:
-                        log.exception("job %s failed", w.job.job_id)
-                    status, message = _compute_error(w.job, exc)
-                    self._fail(
-                        pipe,
-                        w.entry,
-                        w.job.job_id,
-                        status,
-                        message,
-                        dead=True,
-                        queue=started_wall - w.job.enqueued_at,
-                    )
+            for index, w in enumerate(work):
+                if index in watch.reasons:
+                    results.append((index, _stopped_output(w), 0.0))
                     continue
-                results.append((w, output, time.perf_counter() - single_started))
-        for w, output, compute in results:
-            encode_started = time.perf_counter()
-            try:
-                image, content_type = encode(
-                    output.pixels, w.job.output_format, self.encode_options
+                single_started = time.perf_counter()
+                single = _PassWatch(self, [w], preempt)
+                try:
+                    (output,) = self.engine.run([requests[index]], should_stop=single)
+                except Exception as exc:
+                    with log_context(request_id=w.job.request_id, job_id=w.job.job_id):
+                        if len(work) == 1:
+                            log.exception("job %s failed", w.job.job_id)
+                        status, message = _compute_error(w.job, exc)
+                        self._fail(
+                            outcome,
+                            w.entry,
+                            w.job,
+                            status,
+                            message,
+                            dead=True,
+                            queue=started_wall - w.job.enqueued_at,
+                            code="out_of_memory" if status == 503 else "compute_failed",
+                        )
+                    continue
+                if 0 in single.reasons:
+                    watch.reasons[index] = single.reasons[0]
+                compute = time.perf_counter() - single_started - single.nested_s
+                results.append((index, output, compute))
+        self.metrics.batch_size.observe(len(work))
+        for index, output, compute in results:
+            w = work[index]
+            with log_context(request_id=w.job.request_id, job_id=w.job.job_id):
+                self.metrics.queue_wait.labels(w.job.model).observe(
+                    max(0.0, started_wall - w.job.enqueued_at)
                 )
-            except Exception as exc:
-                log.exception("encoding job %s failed", w.job.job_id)
-                self._fail(
-                    pipe,
-                    w.entry,
-                    w.job.job_id,
-                    422,
-                    f"could not encode the result as {w.job.output_format}: {exc}",
-                    dead=True,
-                )
-                continue
-            timings = {
-                "queue": _seconds(started_wall - w.job.enqueued_at),
-                "compute": _seconds(compute),
-                "encode": _seconds(time.perf_counter() - encode_started),
-                "batch_size": float(output.batch_size),
-            }
-            result = JobResult(w.job.job_id, True, content_type, image, timings=timings)
-            self._store(pipe, w.job.job_id, result)
-            self.jobs_done += 1
-        if results:
-            log.info(
-                "computed %d job(s) in %.3fs: %s",
-                len(results),
-                time.perf_counter() - started,
-                ", ".join(
-                    f"{w.job.job_id} ({w.job.model} {w.job.width}x{w.job.height} bs={o.batch_size})"
-                    for w, o, _ in results
-                ),
+                if output.stopped:
+                    self._stopped(outcome, w, watch.reasons.get(index, "cancelled"), watch)
+                else:
+                    self._answer(outcome, w, output, compute, started_wall)
+
+    def _learn_cost(self, work: list[_Work], outputs: list[EngineOutput], compute: float) -> None:
+        """A batch of one model, all finished, updates that model's measured cost."""
+        models = {w.job.model for w in work}
+        if len(models) != 1 or any(o.stopped for o in outputs):
+            return
+        (model,) = models
+        pixels = sum(int(o.pixels.shape[0] * o.pixels.shape[1]) for o in outputs)
+        self.costs.record(model, compute, pixels)
+        cost = self.costs.get(model)
+        if cost is not None:
+            self.metrics.cost.labels(model).set(cost.seconds_per_megapixel)
+
+    def _answer(
+        self, outcome: Outcome, w: _Work, output: EngineOutput, compute: float, started: float
+    ) -> None:
+        encode_started = time.perf_counter()
+        try:
+            image, content_type = encode(output.pixels, w.job.output_format, self.encode_options)
+        except Exception as exc:
+            log.exception("encoding job %s failed", w.job.job_id)
+            self._fail(
+                outcome,
+                w.entry,
+                w.job,
+                422,
+                f"could not encode the result as {w.job.output_format}: {exc}",
+                dead=True,
+                code="encode_failed",
             )
+            return
+        encode_s = time.perf_counter() - encode_started
+        timings = {
+            "queue": _seconds(started - w.job.enqueued_at),
+            "compute": _seconds(compute),
+            "encode": _seconds(encode_s),
+            "batch_size": float(output.batch_size),
+        }
+        result = JobResult(
+            w.job.job_id, True, content_type, image, timings=timings, finished_at=time.time()
+        )
+        outcome.store(result, JobStatus.for_job(w.job, "done", self.worker_id))
+        self.jobs_done += 1
+        self.metrics.jobs.labels(w.job.model, "ok").inc()
+        self.metrics.encode_seconds.labels(w.job.model).observe(encode_s)
+        self.metrics.batch_seconds.labels(w.job.model).observe(compute)
+        height, width = output.pixels.shape[:2]
+        log.info(
+            "computed %s %s -> %dx%d in %.3fs (queue %.3fs, batch %d)",
+            w.job.model,
+            f"{w.job.width}x{w.job.height}",
+            width,
+            height,
+            compute,
+            timings["queue"],
+            output.batch_size,
+            extra={"model": w.job.model, "lane": w.job.lane, "outcome": "ok", **timings},
+        )
+
+    def _stopped(self, outcome: Outcome, w: _Work, reason: str, watch: _PassWatch) -> None:
+        """A job dropped between forward passes: nobody is waiting for its result."""
+        self.metrics.stopped.labels(w.job.model, reason).inc()
+        elapsed = time.time() - w.job.enqueued_at
+        if reason == "cancelled":
+            log.info(
+                "job %s cancelled by its caller while running: stopped after %d pass(es)",
+                w.job.job_id,
+                watch.passes,
+                extra={"model": w.job.model, "outcome": "cancelled"},
+            )
+            outcome.mark(JobStatus.for_job(w.job, "cancelled", self.worker_id))
+            self.metrics.jobs.labels(w.job.model, "cancelled").inc()
+            return
+        log.info("job %s: deadline passed while running: stopped after %d pass(es)",
+                 w.job.job_id, watch.passes)  # fmt: skip
+        self._fail(
+            outcome,
+            w.entry,
+            w.job,
+            504,
+            f"deadline passed while computing ({elapsed:.1f} s after it was queued); stopped",
+            code="deadline_exceeded",
+            metric="expired",
+        )
 
     # ------------------------------------------------------------------------ results
 
-    def _set_status(self, job_ids: list[str], state: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.set(self.keys.status(job_id), state, ex=self.settings.result_ttl_s)
-        pipe.execute()
-
-    def _store(self, pipe: redis.client.Pipeline, job_id: str, result: JobResult) -> None:
-        ttl = self.settings.result_ttl_s
-        state = "done" if result.ok else "failed"
-        pipe.set(self.keys.result(job_id), result.encode(), ex=ttl)
-        pipe.rpush(self.keys.done(job_id), state)
-        pipe.expire(self.keys.done(job_id), ttl)
-        pipe.set(self.keys.status(job_id), state, ex=ttl)
-
     def _fail(
         self,
-        pipe: redis.client.Pipeline,
+        outcome: Outcome,
         entry: Entry,
-        job_id: str | None,
+        job: Job | str | None,
         status: int,
         message: str,
         *,
         dead: bool = False,
         queue: float | None = None,
+        code: str = "",
+        metric: str = "failed",
     ) -> None:
         """An error result for the caller (when the job id is usable) and, for jobs that will
         never succeed, a copy in the dead-letter stream."""
         self.jobs_failed += 1
-        log.warning("job %s (entry %s): %d %s", job_id, entry.entry_id, status, message)
+        job_id = job.job_id if isinstance(job, Job) else job
+        model = job.model if isinstance(job, Job) else "unknown"
+        log.warning("job %s (entry %s): %d %s", job_id, entry.entry_id, status, message,
+                    extra={"outcome": metric, "status": status})  # fmt: skip
         if job_id is not None:
             timings = {} if queue is None else {"queue": _seconds(queue)}
-            result = JobResult(job_id, False, error=message, status_code=status, timings=timings)
-            self._store(pipe, job_id, result)
-        if dead:
-            fields = dict(entry.fields or {})
-            pixels = fields.get(b"pixels", b"")
-            if len(pixels) > DEAD_LETTER_MAX_PIXEL_BYTES:
-                fields[b"pixels"] = b""
-                fields[b"pixels_dropped_bytes"] = str(len(pixels)).encode()
-            fields.update(
-                {
-                    b"dead_reason": message.encode(),
-                    b"dead_status": str(status).encode(),
-                    b"dead_source_id": entry.entry_id.encode(),
-                    b"dead_deliveries": str(entry.deliveries).encode(),
-                    b"dead_worker": self.worker_id.encode(),
-                    b"dead_at": repr(time.time()).encode(),
-                }
+            result = JobResult(
+                job_id,
+                False,
+                error=message,
+                status_code=status,
+                timings=timings,
+                finished_at=time.time(),
+                code=code,
             )
-            pipe.xadd(self.keys.dead_letter, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            record = (
+                JobStatus.for_job(job, "failed", self.worker_id)
+                if isinstance(job, Job)
+                else JobStatus("failed", job_id=job_id, worker=self.worker_id)
+            )
+            outcome.store(result, record)
+        if dead:
+            outcome.dead_letter(entry, status, message)
+        # Only zoo names become label values: a malformed entry's model name could be anything.
+        label = model if model in self.engine.models else "unknown"
+        self.metrics.jobs.labels(label, "dead_lettered" if dead else metric).inc()
 
 
-def _job_id(fields: dict[bytes, bytes]) -> str | None:
-    """The job id of a malformed entry, if it is usable as a key part; else nobody to answer."""
-    try:
-        job_id = fields[b"job_id"].decode()
-    except (KeyError, UnicodeDecodeError):
-        return None
-    return job_id if JOB_ID_PATTERN.match(job_id) else None
+def _stopped_output(w: _Work) -> EngineOutput:
+    return EngineOutput(np.zeros((0, 0, w.job.channels), np.uint8), 1, stopped=True)
 
 
 def _compute_error(job: Job, exc: Exception) -> tuple[int, str]:
@@ -576,6 +670,14 @@ def build_engine(settings: WorkerSettings) -> Engine:
     )
 
 
+def _cuda_memory(kind: str) -> float:
+    if kind == "allocated":
+        return float(torch.cuda.memory_allocated())
+    if kind == "reserved":
+        return float(torch.cuda.memory_reserved())
+    return float(torch.cuda.max_memory_allocated())
+
+
 def main(argv: list[str] | None = None) -> int:
     del argv
     try:
@@ -583,10 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"worker: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker[{settings.worker_id}] %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format, "worker",
+                      worker_id=settings.worker_id)  # fmt: skip
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     engine = build_engine(settings)
@@ -607,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if worker.stopping.is_set():
         return 0
+    worker.measure_costs(names)
+    if engine.device.type == "cuda":
+        worker.metrics.watch_gpu(_cuda_memory)
+    worker.metrics.serve(settings.metrics_host, settings.metrics_port)
     log.info(
         "serving %s from %s (prefix %r, max batch %d, wait %d ms, %d px per pass)",
         ", ".join(names) or "-",

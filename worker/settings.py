@@ -1,5 +1,9 @@
 """Worker settings, read from the environment (or a ``.env`` file); names have no prefix.
 
+The settings the API shares (``REDIS_URL``, ``QUEUE_PREFIX``, ``MODEL_ZOO_DIR``, ``RESULT_TTL_S``,
+``HEARTBEAT_INTERVAL_S``, ``CLAIM_IDLE_MS``, ``LOG_LEVEL``, ``LOG_FORMAT``) and their validation
+come from ``jobqueue.settings.QueueSettings``.
+
 ==========================  =================  ============================================
 Variable                    Default            Meaning
 ==========================  =================  ============================================
@@ -35,13 +39,21 @@ Variable                    Default            Meaning
 ``JPEG_QUALITY``            90                 Quality of JPEG results.
 ``WEBP_QUALITY``            90                 Quality of WebP results.
 ``CLAIM_IDLE_MS``           30000              A job pending this long on a consumer that
-                                               stopped refreshing it is taken over.
+                                               stopped refreshing it is taken over; at
+                                               least 2 x HEARTBEAT_INTERVAL_S.
 ``MAX_DELIVERIES``          3                  Deliveries after which a job is dead-lettered
                                                (its caller gets a 503).
 ``HEARTBEAT_INTERVAL_S``    2.0                Heartbeat period; the key lives 3 periods.
 ``RESULT_TTL_S``            600                Lifetime of result, done and status keys.
 ``WORKER_ID``               host-pid           Consumer name and heartbeat key suffix.
+``STOP_CHECK_INTERVAL_S``   0.2                How often, between forward passes, running
+                                               jobs' cancel markers are read.
+``COST_PROBE_SIDE``         256                Output side of the warm-up pass that
+                                               measures a model's seconds per megapixel.
+``METRICS_PORT``            9100               Prometheus endpoint of the worker; 0 = none.
+``METRICS_HOST``            127.0.0.1          Its interface (0.0.0.0 in a container).
 ``LOG_LEVEL``               INFO               Python logging level.
+``LOG_FORMAT``              json               json | text.
 ==========================  =================  ============================================
 
 **Why MAX_BATCH_PIXELS depends on the device.** Jobs are always *collected* in batches (one
@@ -78,11 +90,12 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
+
+from jobqueue.settings import QueueSettings
 
 #: ``MAX_BATCH_PIXELS=auto`` on CPU: one 256² image per pass (see the module docstring).
 CPU_AUTO_BATCH_PIXELS = 256 * 256
@@ -94,12 +107,7 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
-
-    redis_url: str = "redis://localhost:6379/0"
-    queue_prefix: str = Field("imgsvc", min_length=1)
-    model_zoo_dir: Path | None = None
+class WorkerSettings(QueueSettings):
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=60_000)
@@ -116,12 +124,12 @@ class WorkerSettings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9)
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(90, ge=1, le=100)
-    claim_idle_ms: int = Field(30_000, ge=10)
     max_deliveries: int = Field(3, ge=1)
-    heartbeat_interval_s: float = Field(2.0, gt=0)
-    result_ttl_s: int = Field(600, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id, pattern=r"^[A-Za-z0-9_.:\-]+$")
-    log_level: str = "INFO"
+    stop_check_interval_s: float = Field(0.2, gt=0, le=10)
+    cost_probe_side: int = Field(256, ge=32, le=4096)
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("worker_models", mode="before")
     @classmethod
@@ -138,20 +146,9 @@ class WorkerSettings(BaseSettings):
         return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _claim_after_heartbeat(self) -> WorkerSettings:
-        # A live worker refreshes its in-flight jobs every heartbeat; a claim timeout shorter
-        # than two heartbeats would let other workers steal jobs that are still being computed.
-        if self.claim_idle_ms < 2000 * self.heartbeat_interval_s:
-            raise ValueError(
-                f"CLAIM_IDLE_MS ({self.claim_idle_ms}) must be at least 2 x "
-                f"HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s} s)"
-            )
+    def _worker_values(self) -> WorkerSettings:
         if isinstance(self.tile_overlap, int) and self.tile_overlap < 0:
             raise ValueError("TILE_OVERLAP must be >= 0 or 'auto'")
         if isinstance(self.max_batch_pixels, int) and self.max_batch_pixels < 1:
             raise ValueError("MAX_BATCH_PIXELS must be >= 1 or 'auto'")
         return self
-
-    @property
-    def heartbeat_ttl_ms(self) -> int:
-        return int(self.heartbeat_interval_s * 3000)

@@ -37,6 +37,25 @@ class ApiError extends Error {
   }
 }
 
+// A service with AUTH_REQUIRED wants a key on job routes: asked for on the first 401, kept for
+// this tab only (sessionStorage) and sent as a Bearer header, never in a URL.
+const KEY_STORAGE = "imgsvc-api-key";
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function askForKey(code) {
+  const question = code === "invalid_api_key"
+    ? "This API key was not accepted. Enter another key:"
+    : "This service needs an API key. Enter yours:";
+  const key = window.prompt(question);
+  if (key) sessionStorage.setItem(KEY_STORAGE, key.trim());
+  else sessionStorage.removeItem(KEY_STORAGE);
+  return Boolean(key);
+}
+
 /** A problem the user can fix before anything is sent (no photo chosen, no style). */
 class UserError extends Error {}
 
@@ -137,9 +156,17 @@ function describeError(err) {
     unknown_job: "The result has expired. Run it again.",
     invalid_factor: "This upscaling factor is not supported.",
     invalid_request: "The service did not accept these settings.",
+    job_too_expensive: "This image is too large to process in time. Try a smaller one.",
+    job_cancelled: "The job was cancelled.",
+    request_timeout: "The upload was too slow and was cut off. Check the connection.",
+    rate_limited: `Too many requests with this key.${later}`,
+    missing_api_key: "This service needs an API key.",
+    invalid_api_key: "The API key was not accepted.",
+    forbidden: "This API key may not do that.",
   };
   const message = messages[err.code] ?? `The request failed.`;
-  const retry = ["queue_full", "queue_unavailable", "timeout", "job_expired", "unknown_job"]
+  const retry = ["queue_full", "queue_unavailable", "timeout", "job_expired", "unknown_job",
+    "rate_limited", "missing_api_key", "invalid_api_key", "request_timeout"]
     .includes(err.code) || err.status >= 500;
   return { message, detail: `${detail} ${code}`.trim(), retry };
 }
@@ -499,7 +526,7 @@ function setBusy(busy) {
 async function waitForJob(statusUrl, started) {
   let delay = POLL_FIRST_MS;
   for (;;) {
-    const response = await fetch(statusUrl, { cache: "no-store" });
+    const response = await fetch(statusUrl, { cache: "no-store", headers: authHeaders() });
     if (response.status !== 202) {
       if (!response.ok) throw await toApiError(response);
       return response;
@@ -531,7 +558,11 @@ async function run() {
   setBusy(true);
   setStatus("Uploading…");
   try {
-    const response = await fetch(`${request.path}?${request.query}`, { method: "POST", body: form });
+    const response = await fetch(`${request.path}?${request.query}`, {
+      method: "POST",
+      body: form,
+      headers: authHeaders(),
+    });
     let imageResponse = response;
     if (response.status === 202) {
       const job = await response.json();
@@ -543,6 +574,7 @@ async function run() {
     await showResult(imageResponse, request.tag, started);
   } catch (err) {
     showError(err);
+    if (err instanceof ApiError && err.status === 401) askForKey(err.code);
   } finally {
     setBusy(false);
   }

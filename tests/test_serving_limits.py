@@ -1,0 +1,357 @@
+"""Bounded work per request, end to end: uvicorn + ``python -m worker`` + redis-server, tiny zoo
+(issue 15, defect 1 and the observability of the worker).
+
+Before: a small upload of a large image held the only CPU worker for minutes, small requests
+sent meanwhile got 504, and a job whose caller had given up (504, disconnected) was computed to
+the end. Now the worker measures its cost per model; the API refuses a synchronous job that
+cannot finish in time (413 naming the limit) and lanes big async jobs; a running big job pauses
+between forward passes for small ones; and a job nobody waits for any more is stopped there.
+
+The worker tiles at 128 px here, so a big image is many forward passes (many stop points), and
+checks cancel markers every 50 ms.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobqueue.protocol import Job, JobResult, JobStatus, Keys, ModelCost
+from service.launch import Child, free_port, start_api, start_worker, wait_http
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "limits"
+REQUEST_TIMEOUT_S = 3.0  # sync budget: ADMISSION_HEADROOM (0.5) x 3 s = 1.5 s of compute
+
+
+@dataclass
+class Stack:
+    url: str
+    worker_metrics: str
+    redis_url: str
+    keys: Keys
+    api: Child
+    worker: Child
+    logdir: Path
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kwargs})
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in (self.logdir / "worker.log").read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.logdir.glob("*.log"))
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_instance: Any, tiny_zoo_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    logdir = tmp_path_factory.mktemp("limits")
+    port, metrics_port = free_port(), free_port()
+    base = {
+        **os.environ,
+        "REDIS_URL": redis_instance.url,
+        "QUEUE_PREFIX": PREFIX,
+        "MODEL_ZOO_DIR": str(tiny_zoo_template),
+        "PYTHONUNBUFFERED": "1",
+        "HEARTBEAT_INTERVAL_S": "0.5",
+        "CLAIM_IDLE_MS": "5000",
+    }
+    api_env = {
+        **base,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        "WAIT_CHUNK_S": "0.2",
+        "REDIS_TIMEOUT_S": "2",
+        "BULK_LANE_COST_S": "0.5",
+    }
+    worker_env = {
+        **base,
+        "DEVICE": "cpu",
+        "PRECISION": "fp32",
+        "TORCH_THREADS": "1",
+        "MAX_BATCH": "4",
+        "MAX_WAIT_MS": "10",
+        "TILE_SIZE": "128",
+        "TILE_STATS_SIZE": "256",
+        "STOP_CHECK_INTERVAL_S": "0.05",
+        "COST_PROBE_SIDE": "256",
+        "METRICS_PORT": str(metrics_port),
+        "WORKER_ID": "limits-worker",
+    }
+    with open(logdir / "api.log", "ab") as api_log, open(logdir / "worker.log", "ab") as w_log:
+        api = start_api(api_env, output=api_log, cwd=str(REPO))
+        worker = start_worker(worker_env, output=w_log, cwd=str(REPO))
+        service = Stack(
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            redis_instance.url,
+            Keys(PREFIX),
+            api,
+            worker,
+            logdir,
+        )
+        try:
+            wait_http(service.url + "/readyz", 180, [api, worker])
+            yield service
+        except BaseException:
+            print(service.logs())
+            raise
+        finally:
+            worker.stop(30)
+            api.stop(30)
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def cost(stack: Stack, model: str) -> ModelCost:
+    raw = stack.redis().hget(stack.keys.costs, model)
+    assert raw is not None, "the worker published no cost"
+    return ModelCost.decode(raw)
+
+
+def side_for(stack: Stack, model: str, seconds: float) -> int:
+    """The side of a square style input the API will estimate at ``seconds``."""
+    per_mpx = cost(stack, model).seconds_per_megapixel
+    return min(4096, math.ceil(math.sqrt(seconds / per_mpx * 1e6)))
+
+
+def wait_for(check: Any, timeout: float, what: str, stack: Stack) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s\n{stack.logs()}")
+
+
+def status_of(stack: Stack, job_id: str) -> str | None:
+    raw = stack.redis().get(stack.keys.status(job_id))
+    return None if raw is None else JobStatus.decode(raw).state
+
+
+def stopped_lines(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in stack.worker_records()
+        if r.get("job_id") == job_id and "while running: stopped after" in r.get("message", "")
+    ]
+
+
+class cheap_costs:
+    """Make the API believe ``model`` costs almost nothing (the API caches costs for 2 s), so
+    it admits a synchronous job that will outlive its caller's timeout."""
+
+    def __init__(self, stack: Stack, model: str) -> None:
+        self.stack, self.model = stack, model
+
+    def __enter__(self) -> None:
+        self.saved = cost(self.stack, self.model)
+        cheap = ModelCost(self.model, 1e-4, worker="test")
+        self.stack.redis().hset(self.stack.keys.costs, self.model, cheap.encode())
+        time.sleep(2.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.redis().hset(self.stack.keys.costs, self.model, self.saved.encode())
+        time.sleep(2.2)
+
+
+def test_the_worker_measures_and_publishes_its_cost(stack: Stack) -> None:
+    for model in ("tiny_style", "mosaic", "x4", "x8"):
+        measured = cost(stack, model)
+        assert measured.seconds_per_megapixel > 0 and measured.worker == "limits-worker"
+    text = httpx.get(stack.worker_metrics).text
+    published = cost(stack, "tiny_style").seconds_per_megapixel
+    exported = metric(text, "imgsvc_worker_seconds_per_megapixel", model="tiny_style")
+    assert exported == pytest.approx(published)
+
+
+def test_a_sync_job_that_cannot_finish_in_time_is_refused_up_front(stack: Stack) -> None:
+    side = side_for(stack, "tiny_style", 3.0)  # twice the 1.5 s sync budget
+    data = png(side, side)
+    with stack.client() as http:
+        started = time.monotonic()
+        resp = http.post("/stylize?style=tiny_style", content=data,
+                         headers={"content-type": "image/png"})  # fmt: skip
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 413, resp.text
+        body = resp.json()
+        assert body["error"] == "job_too_expensive"
+        assert body["limit_s"] == 1.5 and body["estimated_s"] > 1.5
+        assert "REQUEST_TIMEOUT_S" in body["detail"] and "mode=async" in body["detail"]
+        assert elapsed < 2.5  # refused before decoding, not after computing
+        queued = [stack.redis().xlen(stream) for stream in stack.keys.streams]
+        assert queued == [0, 0]
+        # the same image as an async job is admitted, into the bulk lane
+        accepted = http.post("/stylize?style=tiny_style&mode=async", content=data,
+                             headers={"content-type": "image/png"})  # fmt: skip
+        assert accepted.status_code == 202, accepted.text
+        (entry,) = stack.redis().xrange(stack.keys.bulk_stream) or [None]
+        if entry is not None:  # the worker may already have taken it
+            job = Job.from_fields(entry[1])
+            assert job.lane == "bulk" and job.cost_s > 1.5
+        http.delete(accepted.json()["status_url"])
+
+
+def test_a_big_job_pauses_for_small_ones_and_delete_stops_it(stack: Stack) -> None:
+    """The defect-1 scenario on a tiny model: one big async job holds the only worker; small
+    synchronous requests sent meanwhile are answered between its forward passes, and
+    ``DELETE /jobs/{id}`` stops it at the next pass."""
+    before = httpx.get(stack.worker_metrics).text
+    side = side_for(stack, "tiny_style", 8.0)
+    with stack.client() as http:
+        big = http.post("/stylize?style=tiny_style&mode=async", content=png(side, side, 1),
+                        headers={"content-type": "image/png"})  # fmt: skip
+        assert big.status_code == 202, big.text
+        job_id = big.json()["job_id"]
+        wait_for(lambda: status_of(stack, job_id) == "running", 30, "big job running", stack)
+        latencies = []
+        for seed in range(3):
+            started = time.monotonic()
+            small = http.post(
+                "/stylize?style=tiny_style", files={"image": ("s.png", png(48, 32, seed))}
+            )
+            latencies.append(time.monotonic() - started)
+            assert small.status_code == 200, small.text
+        assert status_of(stack, job_id) == "running", "the big job ended before the small ones"
+        assert max(latencies) < REQUEST_TIMEOUT_S, latencies
+        cancelled = http.delete(big.json()["status_url"])
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        wait_for(lambda: stopped_lines(stack, job_id), 10, "the big job stopped", stack)
+        assert http.get(big.json()["status_url"]).status_code == 410
+    assert stack.redis().exists(stack.keys.result(job_id)) == 0
+    after = httpx.get(stack.worker_metrics).text
+    assert metric(after, "imgsvc_worker_preemptions_total") > metric(
+        before, "imgsvc_worker_preemptions_total"
+    )
+    assert metric(after, "imgsvc_worker_stopped_jobs_total", reason="cancelled") > metric(
+        before, "imgsvc_worker_stopped_jobs_total", reason="cancelled"
+    )
+
+
+def test_a_504_stops_the_running_job(stack: Stack) -> None:
+    side = side_for(stack, "tiny_style", 8.0)
+    with cheap_costs(stack, "tiny_style"), stack.client() as http:
+        started = time.monotonic()
+        resp = http.post("/stylize?style=tiny_style", content=png(side, side, 2),
+                         headers={"content-type": "image/png"})  # fmt: skip
+        assert resp.status_code == 504, resp.text
+        assert REQUEST_TIMEOUT_S <= time.monotonic() - started < REQUEST_TIMEOUT_S + 2
+        job_id = resp.json()["job_id"]
+        wait_for(lambda: stopped_lines(stack, job_id), 10, "the job stopped", stack)
+    # Stopped for its cancel marker (no result) or, if the worker looked at the deadline just
+    # before the marker landed, with a 504 result nobody reads: never the computed image.
+    blob = stack.redis().get(stack.keys.result(job_id))
+    if blob is not None:
+        stored = JobResult.decode(blob)
+        assert (stored.ok, stored.status_code, stored.image) == (False, 504, b"")
+
+
+def test_a_client_that_goes_away_has_its_running_job_stopped(stack: Stack) -> None:
+    side = side_for(stack, "tiny_style", 8.0)
+    before = httpx.get(stack.url + "/metrics").text
+
+    def stopped_by_caller() -> set[str]:
+        return {
+            r["job_id"]
+            for r in stack.worker_records()
+            if "cancelled by its caller while running" in r.get("message", "")
+        }
+
+    earlier = stopped_by_caller()
+    with cheap_costs(stack, "tiny_style"):
+        with stack.client(timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/stylize?style=tiny_style", content=png(side, side, 3),
+                           headers={"content-type": "image/png"})  # fmt: skip
+        # stopped because its caller left (not at its deadline, 3 s after submission)
+        wait_for(lambda: stopped_by_caller() - earlier, 10, "the abandoned job stopped", stack)
+    after = httpx.get(stack.url + "/metrics").text
+    rise = metric(after, "imgsvc_jobs_total", outcome="client_gone") - metric(
+        before, "imgsvc_jobs_total", outcome="client_gone"
+    )
+    assert rise == 1
+    assert metric(after, "imgsvc_http_requests_total", route="/stylize", status="499") >= 1
+
+
+def test_worker_logs_and_metrics_follow_the_request(stack: Stack) -> None:
+    with stack.client() as http:
+        resp = http.post("/upscale?factor=8", files={"image": ("s.png", png(20, 12))},
+                         headers={"X-Request-ID": "limits-req-1"})  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    job_id = resp.headers["x-job-id"]
+    lines = wait_for(
+        lambda: [r for r in stack.worker_records() if r.get("request_id") == "limits-req-1"],
+        10, "worker lines of the request", stack,
+    )  # fmt: skip
+    computed = next(r for r in lines if r["message"].startswith("computed"))
+    assert computed["job_id"] == job_id and computed["model"] == "x8"
+    assert computed["worker_id"] == "limits-worker" and computed["compute"] > 0
+    text = httpx.get(stack.worker_metrics).text
+    assert metric(text, "imgsvc_worker_jobs_total", model="x8", outcome="ok") >= 1
+    assert metric(text, "imgsvc_worker_batch_size_count") >= 1
+    assert metric(text, "imgsvc_worker_forward_pass_seconds_count", model="x8") >= 1
+    assert metric(text, "imgsvc_worker_queue_wait_seconds_count", model="x8") >= 1
+    assert metric(text, "process_resident_memory_bytes") > 50e6
+
+
+def test_async_jobs_are_counted_once_with_their_latency(stack: Stack) -> None:
+    with stack.client() as http:
+        accepted = http.post(
+            "/upscale?factor=4&mode=async", files={"image": ("a.png", png(16, 12))}
+        )
+        url = accepted.json()["status_url"]
+        done = wait_for(lambda: http.get(url).status_code == 200, 30, "async job done", stack)
+        assert done
+        assert http.get(url).status_code == 200  # polled again: counted once
+        text = http.get("/metrics").text
+    labels = {"op": "upscale", "model": "x4", "mode": "async"}
+    assert metric(text, "imgsvc_jobs_total", outcome="accepted", **labels) == 1
+    assert metric(text, "imgsvc_jobs_total", outcome="ok", **labels) == 1
+    assert metric(text, "imgsvc_image_latency_seconds_count", **labels) == 1
+    assert metric(text, "imgsvc_compute_seconds_count", op="upscale", model="x4") == 1

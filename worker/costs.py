@@ -1,0 +1,87 @@
+"""What a job costs on this worker: seconds of compute per output megapixel, per model.
+
+The API admits, refuses or lanes a job by its estimated compute time (output pixels x this
+cost), so the number must be measured where the work happens, on the worker's own device and
+load: once at start-up with a forward pass at a representative size (``probe``), then refined
+from every batch big enough to be dominated by the forward passes rather than fixed overhead
+(an exponential average, so a machine that becomes busier is noticed within a few jobs).
+Published to Redis by the heartbeat (``jobqueue.consumer.Consumer.publish_costs``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from jobqueue.protocol import ModelCost
+from worker.engine import Engine
+
+SMOOTHING = 0.3
+"""Weight of a new measurement in the average."""
+MIN_MEASURED_PIXELS = 256 * 256
+"""Batches with fewer output pixels than this do not update the cost: per-pass overhead would
+dominate and inflate it."""
+
+
+class CostTracker:
+    def __init__(self, worker_id: str, device: str) -> None:
+        self.worker_id = worker_id
+        self.device = device
+        self._costs: dict[str, ModelCost] = {}
+        self._lock = threading.Lock()
+        self._changed = False
+
+    def record(
+        self, model: str, seconds: float, output_pixels: int, *, probe: bool = False
+    ) -> None:
+        """A measurement: ``seconds`` of compute for ``output_pixels`` of ``model``'s output."""
+        if output_pixels <= 0 or seconds <= 0:
+            return
+        if not probe and output_pixels < MIN_MEASURED_PIXELS:
+            return
+        per_mpx = seconds / (output_pixels / 1e6)
+        with self._lock:
+            current = self._costs.get(model)
+            if current is None or probe:
+                self._costs[model] = ModelCost(
+                    model, per_mpx, 1, self.worker_id, self.device, time.time()
+                )
+            else:
+                current.seconds_per_megapixel += SMOOTHING * (
+                    per_mpx - current.seconds_per_megapixel
+                )
+                current.samples += 1
+                current.updated_at = time.time()
+            self._changed = True
+
+    def get(self, model: str) -> ModelCost | None:
+        with self._lock:
+            return self._costs.get(model)
+
+    def all(self) -> list[ModelCost]:
+        with self._lock:
+            return list(self._costs.values())
+
+    def take_changes(self) -> list[ModelCost]:
+        """Everything, if anything changed since the last call (what the heartbeat publishes)."""
+        with self._lock:
+            if not self._changed:
+                return []
+            self._changed = False
+            return [ModelCost(**vars(cost)) for cost in self._costs.values()]
+
+
+def probe(engine: Engine, name: str, side: int) -> tuple[float, int]:
+    """Time one forward pass of ``name`` producing about ``side`` x ``side`` pixels, after an
+    untimed one (allocations, kernel choice). Returns (seconds, output pixels)."""
+    model = engine.model(name)
+    input_side = max(16, side // model.factor)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (input_side, input_side, 3), dtype=np.uint8)
+    engine.run([(name, pixels)])
+    started = time.perf_counter()
+    (output,) = engine.run([(name, pixels)])
+    seconds = time.perf_counter() - started
+    return seconds, int(output.pixels.shape[0] * output.pixels.shape[1])
