@@ -155,5 +155,10 @@ def load_model(
             f"weights of {name!r} have sha256 {actual}, manifest says {entry.sha256}"
         )
     net = build_net(entry.arch)
-    net.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    # Weights stored in fp16 (``training.storage``, checked >= 40 dB from fp32 when written)
+    # are upcast here: callers compute in fp32 or in the precision they ask for, never in the
+    # storage dtype.
+    state = load_file(str(path), device="cpu")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    net.load_state_dict(state, strict=True)
     return net.to(device).eval(), entry
