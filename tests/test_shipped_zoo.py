@@ -38,7 +38,10 @@ def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None
     assert out.min() >= 0 and out.max() <= 1
     training = entry.training
     if entry.kind == "style":
-        assert Path(training["style_image"]).stem not in RESTRICTED_STYLES
+        # A multi-style net (e.g. from the GPU campaign) records one image per slot.
+        images = [i.partition("=")[2] for i in training.get("style_images", [])]
+        for image in images or [training["style_image"]]:
+            assert Path(image).stem not in RESTRICTED_STYLES
         for key in ("content_weight", "style_weight", "tv_weight", "image_size", "batch_size"):
             assert training[key] > 0, key
     else:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Merge a GPU campaign's results into the zoo, then evaluate and redraw the gallery.
+#
+#   bash scripts/gpu_import.sh DIR [--zoo model_zoo] [--docs docs] [--runs runs/gpu]
+#        [--quick] [--no-eval] [--sr-data DIR] [--photos P...] [--sr-photos P...]
+#        [--public-slots] [--keep-fp32]
+#
+# DIR holds what the campaign left in its OUT_DIR (the device tool's files_at). Steps:
+#   1. python -m training.gpu.results import: each tar unpacked under --runs (sample grids and
+#      loss curves to look at), weights checked against their entry's sha256, copied into the
+#      zoo, entries upserted (hardware, iterations, wall time, data pack, lineage), weights
+#      stored in fp16 where within 40 dB of fp32; a multi-style slot whose name another model
+#      already offers stays private unless --public-slots;
+#   2. python -m evaluation sr on the imported SR models (into the manifest's metrics and
+#      DOCS/eval_sr_gpu.md; --quick: one image of Set5);
+#   3. python -m evaluation gallery (DOCS/gallery_styles.jpg, DOCS/gallery_sr.jpg);
+#   4. scripts/make_thumbnails.py for the zoo's styles.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
+    sed -n '2,6p' "$0"
+    exit 2
+fi
+DIR=$1
+shift
+PY=${PYTHON:-.venv/bin/python}
+ZOO=model_zoo
+DOCS=docs
+RUNS=runs/gpu
+QUICK=0
+EVAL=1
+SR_DATA=../shared/data/sr_bench
+IMPORT_FLAGS=()
+PHOTOS=()
+SR_PHOTOS=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --zoo) ZOO=$2; shift 2 ;;
+        --docs) DOCS=$2; shift 2 ;;
+        --runs) RUNS=$2; shift 2 ;;
+        --quick) QUICK=1; shift ;;
+        --no-eval) EVAL=0; shift ;;
+        --sr-data) SR_DATA=$2; shift 2 ;;
+        --public-slots|--keep-fp32) IMPORT_FLAGS+=("$1"); shift ;;
+        --photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do PHOTOS+=("$1"); shift; done ;;
+        --sr-photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do SR_PHOTOS+=("$1"); shift; done ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+names=$(mktemp)
+trap 'rm -f "$names"' EXIT
+"$PY" -m training.gpu.results import "$DIR" --zoo "$ZOO" --runs "$RUNS" --names-out "$names" \
+    "${IMPORT_FLAGS[@]}"
+read -r -a SR <<< "$("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["sr"]))' "$names")"
+[ "$EVAL" = 1 ] || exit 0
+mkdir -p "$DOCS"
+if [ "${#SR[@]}" -gt 0 ]; then
+    LIMIT=()
+    [ "$QUICK" = 1 ] && LIMIT=(--sets Set5 --limit 1)
+    "$PY" -m evaluation sr --models "${SR[@]}" --zoo "$ZOO" --data "$SR_DATA" \
+        --out "$DOCS/eval_sr_gpu.md" "${LIMIT[@]}"
+fi
+GALLERY=(--zoo "$ZOO" --styles-out "$DOCS/gallery_styles.jpg" --sr-out "$DOCS/gallery_sr.jpg")
+[ "${#PHOTOS[@]}" -gt 0 ] && GALLERY+=(--photos "${PHOTOS[@]}")
+[ "${#SR_PHOTOS[@]}" -gt 0 ] && GALLERY+=(--sr-photos "${SR_PHOTOS[@]}")
+[ "$QUICK" = 1 ] && GALLERY+=(--style-size 64 --cell 48 --sr-crop 16 --sr-cell 32)
+"$PY" -m evaluation gallery "${GALLERY[@]}"
+"$PY" scripts/make_thumbnails.py --zoo "$ZOO"

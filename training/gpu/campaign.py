@@ -1,0 +1,318 @@
+"""The campaign: every model of the zoo trained on one GPU within one command's budget.
+
+``python -m training.gpu.campaign train`` runs the stages in order, each on a share of the time
+that is left (a stage that fails early leaves its time to the next), all in one process so
+the pack is decoded onto the GPU once. ``export`` then packs each model (weights, manifest
+entry, sample grids, loss curve, checkpoint, speed) into one tar, plus ``summary.json``: at most
+8 files come back from the machine, 16 MiB each. A stage whose process was killed before its
+own export is exported from its last checkpoint there. ``scripts/gpu_campaign.sh`` runs both
+under ``timeout`` so the command ends inside its budget whatever happens.
+
+The stages (:func:`default_stages`) are the zoo's models at the settings they were trained with
+on the CPU (README, "Model zoo"; the multi-style net as in ``runs/multistyle.log``), with the
+paper's crop sizes and a batch of 16 (a GPU step at batch 4 is mostly launch overhead; 16 is
+four paper iterations' worth of images, and the reports count both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_zoo.hardware import resolve_device
+from model_zoo.manifest import read_manifest
+from training.cli import build_parser, settings_from_args
+from training.gpu.fastloop import StageOptions, StageReport, read_stage, train_stage, write_stage
+from training.gpu.pack import Pack
+from training.settings import TrainSettings
+
+log = logging.getLogger("training.gpu.campaign")
+
+UNLIMITED = 10**9
+MAX_FILES = 8
+MAX_FILE_BYTES = 16 * 2**20
+TAR_LIMIT = MAX_FILE_BYTES - 256 * 1024
+SUMMARY = "summary.json"
+OVERRIDES = "overrides.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    argv: tuple[str, ...]
+    """``python -m training`` arguments (the campaign adds data, zoo, run folder, resume)."""
+    share: float
+    """Share of the training budget (of what is left when the stage starts)."""
+
+
+def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
+    """The zoo at its CPU settings (module docstring); the rehearsal shrinks sizes only."""
+    styles = [f"{name}={pack.style_path(name)}" for name in pack.style_names]
+    style_size, x4_size, x8_size, batch = (
+        ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "16")
+    )
+    multistyle = (
+        "multistyle", "--name", "multistyle", "--style-images", *styles,
+        "--warmup", "2" if dry_run else "200", "--saturation-penalty", "1e4",
+        "--image-size", style_size, "--batch-size", batch,
+    )  # fmt: skip
+    if dry_run:  # the 512 px style Grams are most of a CPU rehearsal's setup
+        multistyle = (*multistyle, "--style-size", "64")
+
+    def sr(factor: int, loss: str, size: str) -> tuple[str, ...]:
+        name = f"x{factor}" if loss == "feat" else f"x{factor}_pixel"
+        argv = (
+            "sr", "--name", name, "--factor", str(factor), "--loss", loss,
+            "--output", "bicubic_residual", "--lr", "1e-4",
+            "--image-size", size, "--batch-size", batch,
+        )  # fmt: skip
+        if loss == "feat":
+            argv += ("--pixel-weight", "1e7", "--init-from", f"x{factor}_pixel")
+        return argv
+
+    return [
+        Stage("multistyle", multistyle, 0.45),
+        Stage("x4_pixel", sr(4, "pixel", x4_size), 0.10),
+        Stage("x4", sr(4, "feat", x4_size), 0.175),
+        Stage("x8_pixel", sr(8, "pixel", x8_size), 0.10),
+        Stage("x8", sr(8, "feat", x8_size), 0.175),
+    ]
+
+
+def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} expects NAME=VALUE, got {item!r}")
+        out[name] = value
+    return out
+
+
+def stage_settings(
+    stage: Stage, work: Path, pack: Pack, device: str, extra: Sequence[str]
+) -> TrainSettings:
+    """The stage's ``TrainSettings``, parsed by the trainer's own command line."""
+    zoo, runs = work / "zoo", work / "runs"
+    argv = [
+        *stage.argv, "--data", pack.train_source, "--zoo", str(zoo), "--run-dir", str(runs),
+        "--iterations", str(UNLIMITED), "--device", device, "--quiet", "--resume", *extra,
+    ]  # fmt: skip
+    settings = settings_from_args(build_parser().parse_args(argv))
+    source = settings.init_from
+    fresh = not (runs / stage.name / "checkpoint.safetensors").exists()
+    if source and fresh and source not in read_manifest(zoo).names():
+        log.warning("%s: %s was not trained; starting from scratch", stage.name, source)
+        settings.init_from = None
+    return settings
+
+
+def train(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    budget = args.budget_s if args.deadline is None else args.deadline - time.time()
+    end = started + budget
+    pack = Pack.open(args.pack)
+    work = Path(args.work)
+    stages = default_stages(pack, dry_run=args.dry_run)
+    if args.stages:
+        wanted = args.stages.split(",")
+        stages = [s for s in stages if s.name in wanted]
+    shares = {k: float(v) for k, v in _pairs(args.share, "--share").items()}
+    overrides: dict[str, list[str]] = {}
+    for item in args.override:
+        name, _, option = item.partition(":")
+        overrides.setdefault(name, []).append(option)
+    # The export step re-creates a killed stage's settings: it must see the same overrides.
+    work.mkdir(parents=True, exist_ok=True)
+    (work / OVERRIDES).write_text(json.dumps(overrides))
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log.info(
+        "campaign on %s (%s; python %s, torch %s): %d stages, %.0f s",
+        device, name, sys.version.split()[0], torch.__version__, len(stages), budget,
+    )  # fmt: skip
+    photos = pack.photos(device)
+    vgg_state = pack.vgg_state_dict()
+    log.info("pack decoded: %d photos, %.0f s", len(photos), time.monotonic() - started)
+    failures = 0
+    for i, stage in enumerate(stages):
+        left = end - time.monotonic()
+        weights = [shares.get(s.name, s.share) for s in stages[i:]]
+        budget = left * weights[0] / sum(weights)
+        if budget < args.min_stage_s:
+            log.warning("%s: skipped, %.0f s left", stage.name, left)
+            continue
+        options = StageOptions(
+            budget_s=budget,
+            reserve_s=args.reserve_s,
+            cuda_graphs=not args.no_cuda_graphs,
+            log_every=args.log_every,
+            checkpoint_every_s=args.checkpoint_every_s,
+        )
+        log.info("%s: %.0f s", stage.name, budget)
+        try:
+            settings = stage_settings(stage, work, pack, str(device), overrides.get(stage.name, []))
+            report = train_stage(settings, pack, options, photos=photos, vgg_state=vgg_state)
+            print(report.line(), flush=True)
+        except Exception as exc:  # a stage's failure must not cost the others
+            failures += 1
+            log.error("%s failed: %s", stage.name, traceback.format_exc())
+            previous = read_stage(work / "runs" / stage.name)
+            report = previous or StageReport(stage.name, stage.argv[0])
+            report.error = f"{type(exc).__name__}: {exc}"[:500]
+            write_stage(work / "runs" / stage.name, report)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    log.info("training done in %.0f s (%d failed)", time.monotonic() - started, failures)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def _needs_export(run: Path, zoo: Path) -> bool:
+    """A checkpoint newer than the model exported from it (its process was killed)."""
+    checkpoint = run / "checkpoint.safetensors"
+    if not checkpoint.exists():
+        return False
+    report = read_stage(run)
+    if report is None or not report.exported:
+        return True
+    weights = zoo / "weights" / f"{run.name}.safetensors"
+    return not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime
+
+
+def _export_only(name: str, work: Path, pack: Pack, dry_run: bool) -> None:
+    stage = next((s for s in default_stages(pack, dry_run=dry_run) if s.name == name), None)
+    if stage is None:
+        return
+    path = work / OVERRIDES
+    extra = json.loads(path.read_text()).get(name, []) if path.exists() else []
+    for device in ("auto", "cpu"):  # a broken GPU context must not cost the model
+        try:
+            settings = stage_settings(stage, work, pack, device, extra)
+            train_stage(settings, pack, StageOptions(budget_s=0, count_flops=False))
+            log.info("%s: exported from its checkpoint (%s)", name, device)
+            return
+        except Exception:
+            log.error("%s: export on %s failed: %s", name, device, traceback.format_exc())
+
+
+def pack_model(name: str, work: Path, out: Path) -> Path | None:
+    """One tar per model: entry.json, weights, sample grids, loss curve, checkpoint, stage.json;
+    the larger sample grids and then the checkpoint are left out if it would pass 16 MiB."""
+    run, zoo = work / "runs" / name, work / "zoo"
+    files: list[tuple[Path, str]] = []
+    manifest = read_manifest(zoo)
+    if name in manifest.names():
+        entry = manifest.get(name)
+        entry_path = run / "entry.json"
+        entry_path.write_text(json.dumps(entry.model_dump(mode="json"), indent=1) + "\n")
+        files += [(entry_path, "entry.json"), (zoo / entry.weights, entry.weights)]
+    for path in sorted(run.glob("*")):
+        if path.suffix in (".jpg", ".png", ".safetensors") or path.name in (
+            "checkpoint.json", "stage.json",
+        ):  # fmt: skip
+            files.append((path, path.name))
+    if not files:
+        return None
+    droppable = [f for f in files if f[1].startswith("samples_")]
+    droppable += [f for f in files if f[1].startswith("checkpoint")]
+    while sum(p.stat().st_size for p, _ in files) > TAR_LIMIT and droppable:
+        dropped = droppable.pop(0)
+        files.remove(dropped)
+        log.warning("%s: %s left out of the tar (16 MiB per file)", name, dropped[1])
+    target = out / f"{name}.tar"
+    with tarfile.open(target, "w") as tar:
+        for path, arcname in files:
+            tar.add(path, arcname=f"{name}/{arcname}")
+    return target
+
+
+def export(args: argparse.Namespace) -> int:
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pack = Pack.open(args.pack)
+    runs = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
+    for run in runs:
+        if _needs_export(run, work / "zoo"):
+            _export_only(run.name, work, pack, args.dry_run)
+    reports = {run.name: read_stage(run) for run in runs}
+    written = [pack_model(run.name, work, out) for run in runs]
+    summary: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "pack": pack.describe(),
+        "dry_run": args.dry_run,
+        "models": {k: asdict(v) if v else None for k, v in reports.items()},
+        "files": [p.name for p in written if p is not None],
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    print("model        iterations                                   speed")
+    for report in reports.values():
+        if report is not None:
+            print(report.line())
+    count = len([p for p in out.iterdir() if p.is_file()])
+    if count > MAX_FILES:
+        log.error("%s holds %d files; only %d come back", out, count, MAX_FILES)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m training.gpu.campaign",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("train", "export"):
+        p = sub.add_parser(name)
+        p.add_argument("--pack", default=".pack")
+        p.add_argument("--work", default=".campaign", help="runs and zoo (kept for a resume)")
+        p.add_argument("--dry-run", action="store_true", help="the CPU rehearsal's sizes")
+    t = sub.choices["train"]
+    when = t.add_mutually_exclusive_group(required=True)
+    when.add_argument("--budget-s", type=float, help="seconds for all training stages")
+    when.add_argument(
+        "--deadline", type=float, help="Unix time by which training ends (startup included)"
+    )
+    t.add_argument("--device", default="auto")
+    t.add_argument("--stages", default="", help="comma list (default: all)")
+    t.add_argument("--share", nargs="*", default=[], metavar="NAME=F")
+    t.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="NAME:--OPTION=VALUE",
+        help="a training option for one stage, e.g. multistyle:--batch-size=32",
+    )
+    t.add_argument("--reserve-s", type=float, default=12.0, help="per stage, for its export")
+    t.add_argument("--min-stage-s", type=float, default=20.0)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--checkpoint-every-s", type=float, default=60.0)
+    t.add_argument("--no-cuda-graphs", action="store_true")
+    sub.choices["export"].add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return train(args) if args.command == "train" else export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""One model trained on a wall-clock budget, as fast as the device allows.
+
+What differs from ``training.loop.train`` (the CPU trainer, unchanged) and why:
+
+- **A budget, not an iteration count.** A lease is minutes long and its end is fixed, so a stage
+  trains until its deadline (less a reserve for the checkpoint, the sample grids and the export)
+  and as many iterations as fit. SIGINT / SIGTERM stop it early the same way.
+- **Data resident on the device** (``training.gpu.pack``): crops and flips are drawn and gathered
+  on the GPU; a DataLoader of PIL crops could not feed hundreds of steps a second.
+- **No host synchronisation in a step** (``training.gpu.objective``): the loss terms are summed
+  on the device and read every ``log_every`` steps; NaN is checked then.
+- **On CUDA**: bf16 autocast, channels_last, the loss network stored in bf16, cuDNN autotuning,
+  TF32 for the fp32 Gram products, fused Adam, and the whole step (crops, forward, backward,
+  Adam) captured as **one CUDA graph** after the warm-up, which removes the per-kernel launch
+  cost that bounds steps this small. If capture fails (or a replay would not draw new crops),
+  the stage says why and continues eagerly: slower, never broken. ``torch.compile`` is not
+  used: it compiles for about a minute per model and shape (README, "Performance"), a large
+  share of a stage that is itself a few minutes long, and CUDA graphs already remove the
+  overhead it would.
+- **FLOPs are counted once** (``torch.utils.flop_counter.FlopCounterMode`` on the first step), so
+  the achieved TFLOP/s can be reported against the card's ~790 measured bf16 peak.
+
+On a CPU the same code runs eagerly in the task's CPU precision: that is the rehearsal.
+Checkpoints, phases, lineage, the sample grids and the zoo export are the CPU trainer's own
+(``training.checkpoint``, ``training.loop``), so a GPU run resumes, records and exports exactly
+like a CPU run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model_zoo import manifest, registry
+from model_zoo.hardware import Compute, hardware_description, resolve_compute
+from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
+from training.gpu.objective import objective_for, vgg_layers
+from training.gpu.pack import Pack, ResidentPhotos
+from training.loop import _record_phase, export, task_for, write_run_report
+from training.settings import TrainSettings
+from training.vgg import VGG16Features
+
+log = logging.getLogger("training.gpu")
+
+STAGE_FILE = "stage.json"
+"""Per run folder: how the last session went (speed, mode, hardware), beside the checkpoint."""
+H200_BF16_PEAK_TFLOPS = 790.0
+"""Dense bf16 matrix rate measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)."""
+
+
+@dataclass
+class StageOptions:
+    budget_s: float
+    """Wall-clock seconds for the whole stage, setup and export included."""
+    reserve_s: float = 12.0
+    """Kept at the end for the checkpoint, the sample grids and the export."""
+    cuda_graphs: bool = True
+    tf32: bool = True
+    log_every: int = 50
+    """Steps between host reads of the loss terms (one history point each)."""
+    checkpoint_every_s: float = 60.0
+    count_flops: bool = True
+
+
+@dataclass
+class StageReport:
+    """What a stage did; written to ``stage.json`` and into the campaign's summary."""
+
+    name: str
+    task: str
+    device: str = ""
+    hardware: str = ""
+    precision: str = ""
+    batch_size: int = 0
+    image_size: int = 0
+    start_iteration: int = 0
+    iteration: int = 0
+    steps: int = 0
+    setup_s: float = 0.0
+    train_s: float = 0.0
+    wall_s: float = 0.0
+    timed_steps: int = 0
+    it_per_s: float = 0.0
+    images_per_s: float = 0.0
+    flops_per_step: float = 0.0
+    tflops: float = 0.0
+    peak_fraction: float = 0.0
+    mode: str = "eager"
+    graph_error: str = ""
+    stopped_by: str = ""
+    final_losses: dict[str, float] = field(default_factory=dict)
+    exported: bool = False
+    sha256: str = ""
+    error: str = ""
+
+    def line(self) -> str:
+        """One summary line (what the campaign prints per model)."""
+        return (
+            f"{self.name:<12} {self.iteration:>8} its ({self.steps} now, batch {self.batch_size}, "
+            f"{self.image_size} px) {self.it_per_s:8.1f} it/s {self.images_per_s:9.1f} img/s "
+            f"{self.tflops:7.3g} TFLOP/s ({100 * self.peak_fraction:.1f}% of "
+            f"{H200_BF16_PEAK_TFLOPS:.0f}) {self.mode}"
+            + (f" ERROR {self.error}" if self.error else "")
+        )
+
+
+def _autocast(compute: Compute) -> AbstractContextManager[Any]:
+    """Autocast without its weight-cast cache: a CUDA graph must redo the casts every replay
+    (the cache would hand the graph tensors freed after capture)."""
+    if compute.precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float16
+    return torch.autocast(compute.device.type, dtype=dtype, cache_enabled=False)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_stage(run_dir: Path, report: StageReport) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STAGE_FILE).write_text(json.dumps(asdict(report), indent=1) + "\n")
+
+
+def read_stage(run_dir: Path) -> StageReport | None:
+    path = run_dir / STAGE_FILE
+    return StageReport(**json.loads(path.read_text())) if path.exists() else None
+
+
+def train_stage(
+    settings: TrainSettings,
+    pack: Pack,
+    options: StageOptions,
+    photos: ResidentPhotos | None = None,
+    vgg_state: dict[str, torch.Tensor] | None = None,
+) -> StageReport:
+    """Train (or resume) one model until its budget is spent, then export it into the zoo.
+
+    ``budget_s`` 0 trains nothing: it exports the run's checkpoint (how the campaign recovers a
+    stage whose process was killed). ``photos`` / ``vgg_state`` let stages share what the pack
+    decoded once.
+    """
+    started = time.monotonic()
+    deadline = started + options.budget_s
+    report = StageReport(settings.name, settings.task)
+    task = task_for(settings)
+    compute = resolve_compute(settings.device, settings.precision, cuda_precision="bf16")
+    device = compute.device
+    cuda = device.type == "cuda"
+    previous = read_stage(Path(settings.run_dir) / settings.name)
+    report.device, report.precision = str(device), compute.precision
+    report.hardware = hardware_description(device)
+    if previous is not None and options.budget_s <= 0:  # export only: it trained elsewhere
+        report.hardware, report.precision = previous.hardware, previous.precision
+    report.batch_size, report.image_size = settings.batch_size, settings.image_size
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        # TF32 for fp32 matmuls: the Gram products (fp32 by design, training.losses) run on
+        # tensor cores with fp32 range; their rounding (~1e-3) is far below the style loss's
+        # own noise between batches.
+        torch.backends.cuda.matmul.allow_tf32 = options.tf32
+        torch.backends.cudnn.allow_tf32 = options.tf32
+
+    run_dir = Path(settings.run_dir) / settings.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "checkpoint.safetensors"
+    resuming = settings.resume and checkpoint.exists()
+    torch.manual_seed(settings.seed)
+    net = task.build_net().to(device).train()
+    state = RunState(lineage=task.initial_lineage())
+    if settings.init_from and not resuming:
+        source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
+        task.init_from(net, source, source_entry)
+        state.lineage = manifest.lineage_of(source_entry)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    vgg = None
+    if task.needs_vgg:
+        vgg = VGG16Features(
+            layers=vgg_layers(task), state_dict=vgg_state or pack.vgg_state_dict()
+        ).to(device, memory_format=torch.channels_last)
+        if compute.precision != "fp32":
+            vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])
+    task.prepare(vgg, device)
+    params = list(task.trainable_parameters(net))
+    # Fused Adam on CUDA, capturable so the graph can hold the optimizer step too.
+    extra: dict[str, Any] = {"fused": True, "capturable": True} if cuda else {}
+    optimizer = torch.optim.Adam(params, lr=settings.lr, **extra)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+    if resuming:
+        state = load_checkpoint(checkpoint, net, optimizer)
+        log.info("%s: resumed at iteration %d", settings.name, state.iteration)
+    _record_phase(task, state)
+    report.start_iteration = report.iteration = state.iteration
+    photos = photos if photos is not None else pack.photos(device)
+    sample_photos = pack.sample_images()
+    torch.manual_seed(settings.seed + state.iteration)  # a resumed run draws new crops
+    sampler = photos.sampler(settings.image_size, settings.batch_size)
+    objective = objective_for(task, settings.batch_size, device)
+    sums = torch.zeros(1 + len(objective.names), device=device)
+
+    def body() -> None:
+        """One step with no host reads: crops, loss, backward, Adam, the running sums."""
+        batch = sampler()
+        with _autocast(compute):
+            terms = objective(net, batch)
+        loss = torch.stack([t.float() for t in terms]).sum()
+        scaler.scale(loss).backward()
+        if settings.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        sums.add_(torch.stack([loss.detach(), *[t.detach().float() for t in terms]]))
+
+    def eager_step() -> None:
+        if settings.warmup:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * min(1.0, (state.iteration + 1) / settings.warmup)
+        optimizer.zero_grad(set_to_none=True)
+        body()
+
+    pending = 0
+    last_checkpoint = time.monotonic()
+    timed: dict[str, float] = {}
+    """Where the timed (steady-state) part began: iteration and time."""
+
+    def measure() -> None:
+        """The report's speed so far (call after a synchronisation)."""
+        report.steps = state.iteration - report.start_iteration
+        report.iteration = state.iteration
+        if not timed:
+            return
+        report.timed_steps = int(state.iteration - timed["iteration"])
+        report.train_s = time.monotonic() - timed["time"]
+        if report.timed_steps and report.train_s > 0:
+            report.it_per_s = report.timed_steps / report.train_s
+            report.images_per_s = report.it_per_s * settings.batch_size
+            report.tflops = report.flops_per_step * report.it_per_s / 1e12
+            report.peak_fraction = report.tflops / H200_BF16_PEAK_TFLOPS
+
+    def checkpoint_now() -> None:
+        """Checkpoint and stage.json (with the speed so far): what a killed stage leaves."""
+        nonlocal last_checkpoint
+        flush()
+        measure()
+        save_checkpoint(checkpoint, net, optimizer, state, elapsed())
+        write_stage(run_dir, report)
+        last_checkpoint = time.monotonic()
+
+    def after_steps(count: int) -> None:
+        """Count steps; every ``log_every`` read the sums (one sync) into the history."""
+        state.iteration += count
+        pending_add(count)
+        if time.monotonic() - last_checkpoint >= options.checkpoint_every_s:
+            checkpoint_now()
+
+    def pending_add(count: int) -> None:
+        nonlocal pending
+        pending += count
+        if pending >= options.log_every:
+            flush()
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        values = (sums / pending).tolist()
+        sums.zero_()
+        pending = 0
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"loss became {values[0]} by iteration {state.iteration}")
+        point = {"iteration": state.iteration, "total": values[0]}
+        state.history.append(point | dict(zip(objective.names, values[1:], strict=True)))
+
+    def elapsed() -> float:
+        return state.elapsed_s + time.monotonic() - started
+
+    train_deadline = deadline - options.reserve_s
+    report.setup_s = time.monotonic() - started
+    stop_reason = "budget"
+    with StopRequested() as stop:
+
+        def running() -> bool:
+            nonlocal stop_reason
+            if stop.requested:
+                stop_reason = "signal"
+            elif state.iteration >= settings.iterations:
+                stop_reason = "iterations"
+            elif options.budget_s > 0 and state.iteration == report.start_iteration:
+                return True  # one step at least: a stage with a budget trains something
+            elif time.monotonic() >= train_deadline:
+                stop_reason = "budget"
+            else:
+                return True
+            return False
+
+        # Warm-up, eagerly: the lr ramp, cuDNN's autotuning, and the FLOP count (first step).
+        warm = max(3, settings.warmup - state.iteration)
+        graph: torch.cuda.CUDAGraph | None = None
+        while running() and warm > 0:
+            if options.count_flops and not report.flops_per_step:
+                with FlopCounterMode(display=False) as counter:
+                    eager_step()
+                report.flops_per_step = float(counter.get_total_flops())
+            else:
+                eager_step()
+            after_steps(1)
+            warm -= 1
+        if running() and cuda and options.cuda_graphs and not scaler.is_enabled():
+            graph, report.graph_error, steps = _capture(body, optimizer, sampler, device)
+            after_steps(steps)
+        report.mode = "cuda-graph" if graph is not None else "eager"
+        if running():
+            checkpoint_now()  # warmed up (and captured): a kill from here on loses little
+            _synchronize(device)
+            timed.update(iteration=state.iteration, time=time.monotonic())
+        step: Callable[[], None] = graph.replay if graph is not None else eager_step
+        while running():
+            step()
+            after_steps(1)
+        flush()
+        _synchronize(device)
+        measure()
+    report.stopped_by = stop_reason if report.steps or options.budget_s > 0 else "export-only"
+    del graph
+    wall = elapsed()
+    if not report.steps and state.iteration == 0:
+        raise RuntimeError(f"{settings.name}: nothing trained (no checkpoint, no budget)")
+    save_checkpoint(checkpoint, net, optimizer, state, wall)
+    write_run_report(task, net, sample_photos, state.history, run_dir, device)
+    entry = export(task, net, state, compute, wall, photos, interrupted=stop.requested)  # type: ignore[arg-type]
+    report.exported, report.sha256 = True, entry.sha256
+    report.final_losses = dict(entry.final_losses)
+    report.wall_s = time.monotonic() - started
+    if options.budget_s <= 0 and previous is not None:  # keep how the training itself went
+        report = replace(
+            previous,
+            iteration=state.iteration,
+            exported=True,
+            sha256=entry.sha256,
+            final_losses=report.final_losses,
+            stopped_by="killed; exported from its last checkpoint",
+        )
+    _describe(settings, pack, report)
+    write_stage(run_dir, report)
+    return report
+
+
+def _capture(
+    body: Callable[[], None],
+    optimizer: torch.optim.Optimizer,
+    sampler: Any,
+    device: torch.device,
+) -> tuple[torch.cuda.CUDAGraph | None, str, int]:
+    """Capture one whole step as a CUDA graph (PyTorch's whole-network recipe: warm up on a
+    side stream, grads None at capture so each replay *writes* them). Returns the graph (None
+    on failure), why it failed, and how many steps the warm-up trained."""
+    steps = 0
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                optimizer.zero_grad(set_to_none=True)
+                body()
+                steps += 1
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            body()
+        graph.replay()
+        first = sampler.last.clone()
+        graph.replay()
+        steps += 2
+        torch.cuda.synchronize(device)
+        if torch.equal(first, sampler.last):
+            return None, "two replays drew the same photos (graph RNG not advancing)", steps
+        return graph, "", steps
+    except Exception as exc:  # any failure: continue eagerly, never lose the stage
+        log.warning("CUDA graph capture failed, continuing eagerly: %r", exc)
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        return None, repr(exc)[:500], steps
+
+
+def _describe(settings: TrainSettings, pack: Pack, report: StageReport) -> None:
+    """Name the pack's sources in the exported entry (not the pack's copies), and record the
+    training hardware when this was an export-only pass on another device."""
+    folder = manifest.zoo_dir(settings.zoo)
+    stored = manifest.read_manifest(folder)
+    entry = stored.get(settings.name)
+    by_copy = {str(pack.style_path(name)): pack.style_source(name) for name in pack.style_names}
+    training = dict(entry.training)
+    if "style_images" in training:
+        training["style_images"] = [
+            f"{name}={by_copy.get(path, path)}"
+            for name, _, path in (item.partition("=") for item in training["style_images"])
+        ]
+    if training.get("style_image") in by_copy:
+        training["style_image"] = by_copy[training["style_image"]]
+    training["precision"] = report.precision
+    # Trained to a wall-clock budget: the iteration count asked for was "as many as fit".
+    training["iterations"] = report.iteration
+    training["schedule"] = "wall-clock budget (training.gpu)"
+    for slot in entry.styles:
+        slot.style_image = by_copy.get(slot.style_image, slot.style_image)
+    entry.training = training
+    entry.hardware = report.hardware
+    entry.data = {**entry.data, "root": pack.train_source, "pack": pack.describe()}
+    manifest.write_manifest(stored, folder)
