@@ -4,8 +4,9 @@
 # the device call carries (scripts/gpu_prepare.sh runs this, then builds the data pack).
 #   .whl/  wheels for Python 3.12 (the GPU image's python3): pydantic (+core, annotated-types,
 #          typing-inspection) for the campaign and the worker; pydantic-settings (+python-dotenv),
-#          redis-py, and fastapi, starlette, uvicorn, python-multipart, opentelemetry-api for the
-#          serving check's end-to-end run; at the versions of this repo's .venv.
+#          redis-py, python-json-logger, and fastapi (+ fastapi-offline), starlette, uvicorn,
+#          python-multipart, opentelemetry-api for the serving check's end-to-end run; at the
+#          versions of this repo's .venv.
 #   .gpu/  redis.tar.xz: redis-server and the shared libraries it links that a CUDA image may
 #          not have, with a wrapper that points the loader at them (bench/gpu_check.sh unpacks
 #          it and sets REDIS_SERVER_BIN).

@@ -2,7 +2,8 @@
 # Merge a GPU campaign's results into the zoo, then evaluate and redraw the gallery.
 #
 #   bash scripts/gpu_import.sh DIR [--zoo model_zoo] [--docs docs] [--runs runs/gpu]
-#        [--quick] [--no-eval] [--sr-data DIR] [--photos P...] [--sr-photos P...]
+#        [--quick] [--no-eval] [--sr-data DIR] [--held-out DIR] [--photos P...]
+#        [--sr-photos P...]
 #        [--public-slots] [--keep-fp32]
 #
 # DIR holds what the campaign left in its OUT_DIR (the device tool's files_at). Steps:
@@ -13,8 +14,13 @@
 #      already offers stays private unless --public-slots;
 #   2. python -m evaluation sr on the imported SR models (into the manifest's metrics and
 #      DOCS/eval_sr_gpu.md; --quick: one image of Set5);
-#   3. python -m evaluation gallery (DOCS/gallery_styles.jpg, DOCS/gallery_sr.jpg);
-#   4. scripts/make_thumbnails.py for the zoo's styles.
+#   3. python -m evaluation droplets on the imported styles that are public (private slots are
+#      no styles of the zoo yet), into the metrics and DOCS/eval_droplets_gpu.md; --held-out
+#      DIR: the photos (default: evaluation's held-out BSD100); --quick: one photo at 64 px.
+#      The L-BFGS comparison (python -m evaluation style) is left to run by hand: ~2.5 min per
+#      style and photo at 256 px on this CPU;
+#   4. python -m evaluation gallery (DOCS/gallery_{styles,sr,controls}.jpg);
+#   5. scripts/make_thumbnails.py for the zoo's styles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -30,6 +36,7 @@ RUNS=runs/gpu
 QUICK=0
 EVAL=1
 SR_DATA=../shared/data/sr_bench
+HELD_OUT=""
 IMPORT_FLAGS=()
 PHOTOS=()
 SR_PHOTOS=()
@@ -41,6 +48,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1; shift ;;
         --no-eval) EVAL=0; shift ;;
         --sr-data) SR_DATA=$2; shift 2 ;;
+        --held-out) HELD_OUT=$2; shift 2 ;;
         --public-slots|--keep-fp32) IMPORT_FLAGS+=("$1"); shift ;;
         --photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do PHOTOS+=("$1"); shift; done ;;
         --sr-photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do SR_PHOTOS+=("$1"); shift; done ;;
@@ -51,7 +59,9 @@ names=$(mktemp)
 trap 'rm -f "$names"' EXIT
 "$PY" -m training.gpu.results import "$DIR" --zoo "$ZOO" --runs "$RUNS" --names-out "$names" \
     "${IMPORT_FLAGS[@]}"
-read -r -a SR <<< "$("$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["sr"]))' "$names")"
+field() { "$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$names" "$1"; }
+read -r -a SR <<< "$(field sr)"
+read -r -a STYLES <<< "$(field public_styles)"
 [ "$EVAL" = 1 ] || exit 0
 mkdir -p "$DOCS"
 if [ "${#SR[@]}" -gt 0 ]; then
@@ -60,7 +70,15 @@ if [ "${#SR[@]}" -gt 0 ]; then
     "$PY" -m evaluation sr --models "${SR[@]}" --zoo "$ZOO" --data "$SR_DATA" \
         --out "$DOCS/eval_sr_gpu.md" "${LIMIT[@]}"
 fi
-GALLERY=(--zoo "$ZOO" --styles-out "$DOCS/gallery_styles.jpg" --sr-out "$DOCS/gallery_sr.jpg")
+if [ "${#STYLES[@]}" -gt 0 ]; then
+    DROPLETS=()
+    [ -n "$HELD_OUT" ] && DROPLETS+=(--photos "$HELD_OUT")
+    [ "$QUICK" = 1 ] && DROPLETS+=(--num-photos 1 --sizes 64)
+    "$PY" -m evaluation droplets --models "${STYLES[@]}" --zoo "$ZOO" \
+        --out "$DOCS/eval_droplets_gpu.md" "${DROPLETS[@]}"
+fi
+GALLERY=(--zoo "$ZOO" --styles-out "$DOCS/gallery_styles.jpg" --sr-out "$DOCS/gallery_sr.jpg"
+         --controls-out "$DOCS/gallery_controls.jpg")
 [ "${#PHOTOS[@]}" -gt 0 ] && GALLERY+=(--photos "${PHOTOS[@]}")
 [ "${#SR_PHOTOS[@]}" -gt 0 ] && GALLERY+=(--sr-photos "${SR_PHOTOS[@]}")
 [ "$QUICK" = 1 ] && GALLERY+=(--style-size 64 --cell 48 --sr-crop 16 --sr-cell 32)

@@ -36,9 +36,12 @@ from model_zoo.nets import MultiStyleNet, build_net
 from model_zoo.registry import load_model, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
-# The worker's own calibration crop and the web page's sample photo: both freely
-# redistributable Kodak images, and real photos (synthetic probes overstate the PSNR).
-DEFAULT_PHOTOS = (REPO / "worker" / "calibration.png", REPO / "service" / "static" / "sample.jpg")
+# The worker's own calibration photos and the web page's sample photo: freely redistributable
+# Kodak images, and real photos (synthetic probes overstate the PSNR).
+DEFAULT_PHOTOS = (
+    *sorted((REPO / "worker" / "calibration").glob("*.png")),
+    REPO / "service" / "static" / "sample.jpg",
+)
 PROBE_SIDE = 256
 FP16_MAX = 65504.0
 

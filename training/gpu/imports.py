@@ -77,6 +77,9 @@ WHEELS: dict[str, str] = {
     "uvicorn": "gpu_check",
     "python-multipart": "gpu_check",
     "opentelemetry-api": "gpu_check",
+    "fastapi-offline": "gpu_check",
+    # JSON log lines of the worker and the API (jobqueue.telemetry)
+    "python-json-logger": "gpu_check",
 }
 """Packages that travel as wheels (``.whl/``), and which command needs them."""
 

@@ -133,6 +133,7 @@ def import_results(
             rows.append(row)
             continue
         row |= {
+            "public_styles": [s.name for s in entry.styles if s.role == "style" and s.public],
             "kind": entry.kind,
             "factor": entry.factor,
             "iterations": entry.iterations,
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "sr": [r["name"] for r in imported if r["kind"] == "sr"],
                     "style": [r["name"] for r in imported if r["kind"] == "style"],
+                    # what evaluation can name: private slots are not styles of the zoo
+                    "public_styles": [n for r in imported for n in r["public_styles"]],
                 }
             )
         )
