@@ -382,6 +382,9 @@ def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> 
     argv = _multi_args(photo_dir, tmp_path, "multi", "--iterations", "3")
     argv[argv.index("--style-images") + 1 : argv.index("--style-images") + 3] = [str(greens)]
     argv[0] = "add-style"
+    # The architecture is the base net's: add-style takes no architecture options.
+    at = argv.index("--channels")
+    del argv[at : at + 6]  # --channels 8 8 8 --num-residual 1
     run([*argv, "--base", "multi", "--lr", "0.05"])
     after, entry = load_model("multi", root=zoo)
     assert [s.name for s in entry.styles] == ["identity", "reds", "blues", "greens"]
@@ -396,4 +399,5 @@ def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> 
             torch.testing.assert_close(new[key], value, msg=key)  # every conv untouched
     assert changed_rows, "the new style's scale and shift did not train"
     assert entry.training["lineage"][-1]["sha256"] == base.sha256
+    assert tuple(entry.training["channels"]) == (8, 8, 8) and entry.training["identity"]
     assert entry.training["total_iterations"] == 2 + 3

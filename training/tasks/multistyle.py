@@ -77,6 +77,20 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        cls.add_style_arguments(parser)
+        parser.add_argument(
+            "--no-identity", dest="identity", action="store_false", help="no identity slot"
+        )
+        parser.add_argument("--identity-weight", type=float, default=1e5)
+        parser.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64])
+        parser.add_argument("--num-residual", type=int, default=5)
+        parser.add_argument("--outer-kernel", type=int, default=9, choices=[3, 5, 7, 9])
+        parser.add_argument("--output", default="sigmoid", choices=["sigmoid", "tanh"])
+
+    @classmethod
+    def add_style_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """What defines the styles and the loss (the architecture options are separate: a new
+        style added to a trained net keeps the net's)."""
         parser.add_argument(
             "--style-images",
             nargs="+",
@@ -95,14 +109,6 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             help="per-style multiplier of --style-weight",
         )
         parser.add_argument(
-            "--no-identity", dest="identity", action="store_false", help="no identity slot"
-        )
-        parser.add_argument("--identity-weight", type=float, default=1e5)
-        parser.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64])
-        parser.add_argument("--num-residual", type=int, default=5)
-        parser.add_argument("--outer-kernel", type=int, default=9, choices=[3, 5, 7, 9])
-        parser.add_argument("--output", default="sigmoid", choices=["sigmoid", "tanh"])
-        parser.add_argument(
             "--saturation-penalty",
             type=float,
             default=0.0,
@@ -117,7 +123,8 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             name, _, value = item.partition("=")
             scales[name] = float(value)
         values["style_scales"] = scales
-        values["channels"] = tuple(values["channels"])
+        if "channels" in values:
+            values["channels"] = tuple(values["channels"])
         return super().settings_from_values(values)
 
     # ------------------------------------------------------------------ slots
@@ -266,8 +273,20 @@ class AddStyleTask(MultiStyleTask):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        super().add_arguments(parser)
+        cls.add_style_arguments(parser)
         parser.add_argument("--base", required=True, help="the zoo's multi-style net to extend")
+
+    @classmethod
+    def settings_from_values(cls, values: dict[str, Any]) -> TrainSettings:
+        settings = super().settings_from_values(values)
+        assert isinstance(settings, MultiStyleSettings)
+        # The architecture is the base net's; record it as such, not as the defaults.
+        base = cls(settings)._base()[1].arch
+        assert isinstance(base, MultiStyleNetConfig)
+        settings.channels, settings.num_residual = base.channels, base.num_residual
+        settings.outer_kernel, settings.output = base.outer_kernel, base.output
+        settings.identity = any(s.role == "identity" for s in cls(settings)._base()[1].styles)
+        return settings
 
     def _base(self) -> tuple[MultiStyleNet, ModelEntry]:
         if not hasattr(self, "_base_model"):
