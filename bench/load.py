@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ignore --url: start a private redis-server + API + worker and load that",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="with --spawn: worker processes (default 1)"
+    )
     parser.add_argument("--zoo", default=None, help="with --spawn: zoo folder to serve")
     parser.add_argument("--tiny", action="store_true", help="with --spawn: tiny untrained nets")
     add_redis_config_argument(parser)
@@ -180,10 +183,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
         with Stack(zoo_dir=zoo, workdir=tmp, api_env=api_env, redis_config=redis_config) as stack:
-            stack.start(worker_env=worker_env)
+            stack.start(worker_env=worker_env, workers=args.workers)
             url = stack.url
             spawned = {"zoo": note, "worker_env": worker_env, "api_env": api_env,
-                       "redis": stack.redis_info()}  # fmt: skip
+                       "workers": args.workers, "redis": stack.redis_info()}  # fmt: skip
             levels = go(url)
         extra = {"spawned": spawned}
     else:

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch", default="1,8", help="MAX_BATCH of each worker configuration in turn"
     )
     parser.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes, comma-separated: each count is a configuration of its own "
+        "(the scaling run: 1,2), run after each MAX_BATCH. Default %(default)s",
+    )
+    parser.add_argument(
         "--worker-env", action="append", default=[], metavar="KEY=VALUE", help="extra worker env"
     )
     parser.add_argument("--quick", action="store_true")
@@ -144,6 +150,9 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batches = [int(b) for b in args.max_batch.split(",") if b.strip()]
+    worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
+    if not worker_counts or min(worker_counts) < 1:
+        raise SystemExit("--workers: one or more counts >= 1")
     requests = min(args.requests, 16) if args.quick else args.requests
     warmup = args.warmup
     sizes = parse_sizes(args.sizes)
@@ -158,12 +167,14 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     with Stack(zoo_dir=zoo, workdir=tmp, redis_config=redis_config) as stack:
         stack.start_redis()
         redis_info = stack.redis_info()
-        for mb in batches:
-            config = f"max_batch={mb}"
+        for mb, count in [(mb, n) for mb in batches for n in worker_counts]:
+            # one label per configuration; the worker count only when it varies, so reports
+            # of single-worker runs keep their old names
+            config = f"max_batch={mb}" + (f" workers={count}" if worker_counts != [1] else "")
             env = {**extra, "MAX_BATCH": str(mb), "WORKER_MODELS": model}
             stack.stop_workers()
-            stack.start_workers(env)
-            stack.wait_workers_redis(1)
+            stack.start_workers(env, count)
+            stack.wait_workers_redis(count)
             results[config] = []
             for conc in concurrencies:
                 level = asyncio.run(

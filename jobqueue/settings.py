@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from jobqueue.protocol import Keys
 
 PREFIX_PATTERN = r"^[A-Za-z0-9_\-.]{1,64}$"
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, for log lines: a Redis password travels in ``REDIS_URL``
+    (``redis://:PASSWORD@host:6379/0``, how Kubernetes passes it from a Secret), and a log line
+    must not carry it to whoever reads the logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 class QueueSettings(BaseSettings):

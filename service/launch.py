@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import redis
 
+from jobqueue.settings import redacted_url
 from service.settings import ApiSettings
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = dict(os.environ)
         if "redis_url" in settings.model_fields_set:
-            print(f"[launch] using Redis at {settings.redis_url}", flush=True)
+            print(f"[launch] using Redis at {redacted_url(settings.redis_url)}", flush=True)
         else:
             redis_child, url = start_redis()
             children.append(redis_child)

@@ -114,3 +114,19 @@ def test_key_files_hold_hashes_and_bad_lines_stop_the_api(tmp_path: Path) -> Non
         keyfile.write_text(bad)
         with pytest.raises(KeyFileError):
             KeyStore.load("", keyfile)
+
+
+def test_redis_password_never_reaches_a_log_line() -> None:
+    """Kubernetes passes the Redis password inside REDIS_URL; the lines that print the URL
+    (the worker's start-up line, the launcher's) print it without the password."""
+    from jobqueue.settings import redacted_url
+
+    secret = "0123456789abcdef"
+    assert redacted_url(f"redis://:{secret}@imgsvc-redis:6379/0") == (
+        "redis://:***@imgsvc-redis:6379/0"
+    )
+    assert secret not in redacted_url(f"rediss://default:{secret}@[::1]:6380/2")
+    assert redacted_url(f"rediss://default:{secret}@[::1]:6380/2").startswith(
+        "rediss://default:***@[::1]:6380/2"
+    )
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

@@ -58,3 +58,20 @@ def test_e2e_and_spawned_load(tmp_path: Path) -> None:
     assert level["ok"] == 4 and level["errors"] == {}
     # every 16 px upload came back as a 4x upscaled PNG
     assert [tuple(s["out_size"]) for s in load["samples"]["0"]] == [(64, 64)] * 4
+
+
+def test_worker_bench_scales_worker_processes(tmp_path: Path) -> None:
+    """``bench worker --workers 1,2``: the scaling run behind the README's capacity table
+    starts that many worker processes per configuration and reports each."""
+    rc = bench_main(
+        ["worker", "--tiny", "--sizes", "32", "--concurrency", "2", "--requests", "4",
+         "--warmup", "1", "--max-batch", "1", "--workers", "1,2",
+         "--worker-env", "TORCH_THREADS=1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((tmp_path / "worker.json").read_text())["results"]
+    assert list(results) == ["max_batch=1 workers=1", "max_batch=1 workers=2"]
+    for (level,) in results.values():
+        assert level["requests"] == 4 and level["ok"] == 4, level["errors"]
+    md = (tmp_path / "worker.md").read_text()
+    assert "| max_batch=1 workers=2 | 2 | 4 | 4 |" in md

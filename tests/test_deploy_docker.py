@@ -1,6 +1,7 @@
 """The Dockerfiles, checked without a Docker engine: what they copy exists and is not excluded
-by .dockerignore, the API image holds everything the API imports and no torch, both images run
-as a non-root user, and the API's pinned requirements agree with pyproject.toml."""
+by .dockerignore, the API image holds everything the API imports and no torch, every image (the
+model zoo's included) runs as a non-root user, and the API's pinned requirements agree with
+pyproject.toml."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
-DOCKERFILES = {"api": REPO / "docker/api.Dockerfile", "worker": REPO / "docker/worker.Dockerfile"}
+DOCKERFILES = {
+    "api": REPO / "docker/api.Dockerfile",
+    "worker": REPO / "docker/worker.Dockerfile",
+    # the model zoo's own image, for Kubernetes (deploy/k8s): checked like the others
+    "zoo": REPO / "docker/zoo.Dockerfile",
+}
 API_REQUIREMENTS = REPO / "docker/requirements-api.txt"
 
 

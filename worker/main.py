@@ -51,6 +51,7 @@ from pydantic import ValidationError
 
 from jobqueue.consumer import Consumer, Entry, Outcome
 from jobqueue.protocol import CONTENT_TYPES, OPERATIONS, Job, JobResult, JobStatus
+from jobqueue.settings import redacted_url
 from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
 from worker.batching import collect, fill
@@ -714,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "serving %s from %s (prefix %r, max batch %d, wait %d ms, %d px per pass)",
         ", ".join(names) or "-",
-        settings.redis_url,
+        redacted_url(settings.redis_url),
         settings.queue_prefix,
         settings.max_batch,
         settings.max_wait_ms,
