@@ -109,9 +109,7 @@ def guarded(
     folder = tmp_path_factory.mktemp("keys")
     keyfile = folder / "api_keys"
     keyfile.write_text(
-        "# name sha256:hex scopes\n"
-        f"alice sha256:{digest(ALICE)}\n"
-        f"bob sha256:{digest(BOB)} jobs\n"
+        f"# name sha256:hex scopes\nalice sha256:{digest(ALICE)}\nbob sha256:{digest(BOB)} jobs\n"
     )
     yield from start(
         redis_instance.url,

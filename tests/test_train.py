@@ -401,3 +401,37 @@ def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> 
     assert entry.training["lineage"][-1]["sha256"] == base.sha256
     assert tuple(entry.training["channels"]) == (8, 8, 8) and entry.training["identity"]
     assert entry.training["total_iterations"] == 2 + 3
+
+
+def test_a_resumed_run_may_regroup_its_parameters(tmp_path: Path) -> None:
+    """Adam's state is stored by parameter name: a run resumed with another learning rate for
+    some parameters (a second group) continues each parameter's moments, also from a
+    checkpoint of the older index-keyed format."""
+    from safetensors.torch import load_file, save_file
+
+    from training.checkpoint import RunState, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    one = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.rand(5, 3)).sum().backward()
+    one.step()
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, net, one, RunState(iteration=1), 1.0)
+    saved = load_file(str(path))
+    assert "optim.1.weight.exp_avg" in saved  # by name: layer 1's weight
+    first, second = list(net[0].parameters()), list(net[1].parameters())
+    two = torch.optim.Adam([{"params": second, "lr": 1e-2}, {"params": first}], lr=1e-3)
+    assert load_checkpoint(path, net, two).iteration == 1
+    for p in net.parameters():
+        torch.testing.assert_close(two.state[p]["exp_avg"], one.state[p]["exp_avg"])
+    # the older format: "optim.<index>.<key>", the index into net.parameters()
+    old = {k: v for k, v in saved.items() if not k.startswith("optim.")}
+    for index, p in enumerate(net.parameters()):
+        for key, value in one.state[p].items():
+            old[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    save_file(old, str(path))
+    three = torch.optim.Adam([{"params": second}, {"params": first}], lr=1e-3)
+    load_checkpoint(path, net, three)
+    for p in net.parameters():
+        torch.testing.assert_close(three.state[p]["exp_avg_sq"], one.state[p]["exp_avg_sq"])

@@ -26,11 +26,16 @@ class RunState:
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _optimizer_tensors(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's state keyed by parameter *name* (``optim.<param>.<key>``), so a resumed run may
+    regroup its parameters (another learning rate for some) and still find each one's state."""
+    names = {id(p): name for name, p in net.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
-    for index, state in optimizer.state_dict()["state"].items():
+    for param, state in optimizer.state.items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optim.{names[id(param)]}.{key}"] = (
+                torch.as_tensor(value).detach().cpu().contiguous()
+            )
     return tensors
 
 
@@ -44,7 +49,7 @@ def save_checkpoint(
     """Write atomically: a run killed mid-write keeps its previous checkpoint. ``elapsed_s`` is
     the run's training time so far, over every session that resumed it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tensors.update(_optimizer_tensors(optimizer))
+    tensors.update(_optimizer_tensors(net, optimizer))
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"iteration": str(state.iteration)})
     os.replace(tmp, path)
@@ -63,14 +68,24 @@ def save_checkpoint(
 def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    by_name = dict(net.named_parameters())
+    # Older checkpoints keyed the state by index into the one group of net.parameters().
+    by_index = {str(i): name for i, name in enumerate(by_name)}
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
+            param, _, field = key[len("optim.") :].rpartition(".")
+            state.setdefault(by_index.get(param, param), {})[field] = value
+    # Fused or capturable Adam keeps its step counter on the device, plain Adam on the host.
+    step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+    for name, fields in state.items():
+        param = by_name[name]
+        optimizer.state[param] = {
+            k: (v.to(param.device) if step_on_device else v)
+            if k == "step"
+            else v.to(param.device, param.dtype)
+            for k, v in fields.items()
+        }
     meta = json.loads(path.with_suffix(".json").read_text())
     return RunState(
         iteration=int(meta["iteration"]),

@@ -82,8 +82,11 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         if compute.precision != "fp32":
             vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])
     task.prepare(vgg, device)
-    params = list(task.trainable_parameters(net))
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    groups = task.param_groups(net)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.Adam(
+        [group | {"lr": settings.lr * group["lr_scale"]} for group in groups], lr=settings.lr
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
 
     if resuming:
@@ -125,8 +128,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if settings.warmup:
+                warm = min(1.0, (state.iteration + 1) / settings.warmup)
                 for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * min(1.0, (state.iteration + 1) / settings.warmup)
+                    group["lr"] = settings.lr * group["lr_scale"] * warm
             if settings.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

@@ -192,10 +192,15 @@ def train_stage(
         if compute.precision != "fp32":
             vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])
     task.prepare(vgg, device)
-    params = list(task.trainable_parameters(net))
+    groups = task.param_groups(net)
+    params = [p for group in groups for p in group["params"]]
     # Fused Adam on CUDA, capturable so the graph can hold the optimizer step too.
     extra: dict[str, Any] = {"fused": True, "capturable": True} if cuda else {}
-    optimizer = torch.optim.Adam(params, lr=settings.lr, **extra)
+    optimizer = torch.optim.Adam(
+        [group | {"lr": settings.lr * group["lr_scale"]} for group in groups],
+        lr=settings.lr,
+        **extra,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
     if resuming:
         state = load_checkpoint(checkpoint, net, optimizer)
@@ -225,8 +230,9 @@ def train_stage(
 
     def eager_step() -> None:
         if settings.warmup:
+            warm = min(1.0, (state.iteration + 1) / settings.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr * min(1.0, (state.iteration + 1) / settings.warmup)
+                group["lr"] = settings.lr * group["lr_scale"] * warm
         optimizer.zero_grad(set_to_none=True)
         body()
 

@@ -79,6 +79,11 @@ class TrainingTask(ABC, Generic[S]):
     def trainable_parameters(self, net: nn.Module) -> Iterable[nn.Parameter]:
         return net.parameters()
 
+    def param_groups(self, net: nn.Module) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group's ``lr_scale`` multiplies the run's
+        learning rate (and its warm-up) for that group."""
+        return [{"params": list(self.trainable_parameters(net)), "lr_scale": 1.0}]
+
     def initial_lineage(self) -> list[dict[str, Any]]:
         """The runs behind the starting weights when they do not come from ``--init-from``
         (e.g. the base net ``add-style`` extends)."""
