@@ -45,9 +45,7 @@ def collect(
     items = read(max_batch, max(1, block_ms))
     if not items:
         return []
-    return fill(
-        items, read, max_batch=max_batch, max_wait_ms=max_wait_ms, should_stop=should_stop
-    )
+    return fill(items, read, max_batch=max_batch, max_wait_ms=max_wait_ms, should_stop=should_stop)
 
 
 def fill(

@@ -138,9 +138,7 @@ class _PassWatch:
     def _run_interactive(self) -> None:
         started = time.perf_counter()
         try:
-            entries = self.worker.consumer.read(
-                "interactive", self.worker.settings.max_batch, None
-            )
+            entries = self.worker.consumer.read("interactive", self.worker.settings.max_batch, None)
             if entries:
                 self.worker.metrics.preemptions.inc()
                 log.info("bulk job paused for %d interactive job(s)", len(entries))
