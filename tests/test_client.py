@@ -70,13 +70,8 @@ def stack(
         tmp_path_factory.mktemp("client-logs"),
         {"MAX_STYLE_PIXELS": str(96 * 96), "MAX_UPLOAD_BYTES": "200000"},
     )
-    try:
-        service.start_api()
-        service.start_worker()
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
+    with service.running() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +92,8 @@ def idle_stack(
             "REDIS_TIMEOUT_S": "2",
         },
     )
-    try:
-        service.start_api()
-        yield service
-    finally:
-        service.stop()
+    with service.running(workers=0) as running:
+        yield running
 
 
 @pytest.fixture()

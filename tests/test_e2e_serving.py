@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -122,21 +123,27 @@ class Stack:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
 
+    @contextmanager
+    def running(self, workers: int = 1) -> Iterator[Stack]:
+        """The API and ``workers`` workers, ready; everything stopped on the way out."""
+        try:
+            self.start_api()
+            for _ in range(workers):
+                self.start_worker()
+            if workers:
+                self.wait_ready()
+            yield self
+        finally:
+            self.stop()
+
 
 @pytest.fixture(scope="module")
 def stack(
     redis_instance: Any, tiny_zoo_template: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    service = Stack(
-        redis_instance.url, tiny_zoo_template, "e2e", tmp_path_factory.mktemp("e2e-logs")
-    )
-    try:
-        service.start_api()
-        service.start_worker()
-        service.wait_ready()
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    with Stack(redis_instance.url, tiny_zoo_template, "e2e", logs).running() as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture()

@@ -35,14 +35,9 @@ def stack(
     zoo = tmp_path_factory.mktemp("multi-zoo")
     shutil.copytree(tiny_zoo_template, zoo, dirs_exist_ok=True)
     add_tiny_multistyle(zoo)
-    service = Stack(redis_instance.url, zoo, "styles", tmp_path_factory.mktemp("styles-logs"))
-    try:
-        service.start_api()
-        service.start_worker()
-        service.wait_ready()
+    logs = tmp_path_factory.mktemp("styles-logs")
+    with Stack(redis_instance.url, zoo, "styles", logs).running() as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture()

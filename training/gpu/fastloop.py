@@ -41,12 +41,12 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model_zoo import manifest, registry
+from model_zoo import manifest
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
-from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
+from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for, vgg_layers
 from training.gpu.pack import Pack, ResidentPhotos
-from training.loop import _record_phase, export, task_for, write_run_report
+from training.loop import _record_phase, export, start_run, task_for, write_run_report
 from training.settings import TrainSettings
 from training.vgg import VGG16Features
 
@@ -172,18 +172,9 @@ def train_stage(
         torch.backends.cuda.matmul.allow_tf32 = options.tf32
         torch.backends.cudnn.allow_tf32 = options.tf32
 
-    run_dir = Path(settings.run_dir) / settings.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.safetensors"
-    resuming = settings.resume and checkpoint.exists()
     torch.manual_seed(settings.seed)
-    net = task.build_net().to(device).train()
-    state = RunState(lineage=task.initial_lineage())
-    if settings.init_from and not resuming:
-        source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
-        task.init_from(net, source, source_entry)
-        state.lineage = manifest.lineage_of(source_entry)
-    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net, state, checkpoint, resuming = start_run(task, device)
+    run_dir = checkpoint.parent
     vgg = None
     if task.needs_vgg:
         vgg = VGG16Features(

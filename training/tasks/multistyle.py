@@ -145,15 +145,14 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         s = self.settings
         slots = [StyleSlot(name=IDENTITY, index=0, role="identity")] if s.identity else []
         for name, path in map(parse_style_image, s.style_images):
-            slots.append(
-                StyleSlot(
-                    name=name,
-                    index=len(slots),
-                    style_image=path,
-                    style_weight=s.style_weight * s.style_scales.get(name, 1.0),
-                )
-            )
+            slots.append(self.new_slot(name, path, len(slots)))
         return slots
+
+    def new_slot(self, name: str, path: str, index: int) -> StyleSlot:
+        """The slot of a style trained by this run (its image and weight from the settings)."""
+        s = self.settings
+        weight = s.style_weight * s.style_scales.get(name, 1.0)
+        return StyleSlot(name=name, index=index, style_image=path, style_weight=weight)
 
     def architecture(self) -> MultiStyleNetConfig:
         s = self.settings
@@ -345,14 +344,7 @@ class AddStyleTask(MultiStyleTask):
                     raise ValueError(f"{entry.name} already has a style named {name!r}")
                 self.new_indices.append(same.index)  # appended by an earlier run of this one
                 continue
-            slots.append(
-                StyleSlot(
-                    name=name,
-                    index=len(slots),
-                    style_image=path,
-                    style_weight=s.style_weight * s.style_scales.get(name, 1.0),
-                )
-            )
+            slots.append(self.new_slot(name, path, len(slots)))
             self.new_indices.append(len(slots) - 1)
         return slots
 
