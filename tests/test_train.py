@@ -435,3 +435,25 @@ def test_a_resumed_run_may_regroup_its_parameters(tmp_path: Path) -> None:
     load_checkpoint(path, net, three)
     for p in net.parameters():
         torch.testing.assert_close(three.state[p]["exp_avg_sq"], one.state[p]["exp_avg_sq"])
+
+
+def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import make_tiny_zoo
+    from training.promote import main as promote
+
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "1"))
+    shipped = make_tiny_zoo(tmp_path / "shipped")
+    argv = ["--from", str(tmp_path / "zoo"), "--model", "multi", "--to", str(shipped)]
+    assert promote([*argv, "--retire", "nope"]) == 2
+    assert promote([*argv, "--private", "blues", "--retire", "tiny_style"]) == 0
+    manifest = read_manifest(shipped)
+    assert "tiny_style" not in manifest.names() and "multi" in manifest.names()
+    assert not (shipped / "weights" / "tiny_style.safetensors").exists()
+    assert set(manifest.styles()) == {"mosaic", "reds"}  # blues is private
+    entry = manifest.get("multi")
+    assert entry.sha256 == sha256_file(shipped / entry.weights)
+    assert entry.iterations == 1 and entry.training["lineage"] == []
+    net, _ = load_model("multi", root=shipped)
+    assert net(torch.rand(1, 3, 16, 16), net.one_hot(2)).shape == (1, 3, 16, 16)

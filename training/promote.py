@@ -1,0 +1,96 @@
+"""``python -m training.promote``: move a trained model from a run's zoo into the shipped zoo.
+
+Training writes into a zoo of its own (``--zoo runs/zoo-ms``) so that a long run can never
+break the shipped manifest, e.g. with a style name the shipped zoo already offers. Promotion is
+the deliberate step: it copies the weights and the whole manifest entry (training record,
+lineage, metrics), may make some of a multi-style net's slots private (``--private``: an older
+single-style net of that name stays the served one) and retire single-style nets that the new
+slots replace (``--retire``), all in one validated manifest write.
+
+    python -m training.promote --from runs/zoo-ms --model multistyle \\
+        --retire mosaic candy --private udnie
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from model_zoo.manifest import Manifest, ModelEntry, read_manifest, write_manifest, zoo_dir
+from model_zoo.registry import ModelNotFoundError, sha256_file
+
+
+def promote(
+    source: Path,
+    name: str,
+    target: Path,
+    *,
+    private: list[str] | None = None,
+    retire: list[str] | None = None,
+) -> ModelEntry:
+    """Copy ``name`` from the zoo ``source`` into ``target`` (see the module docstring)."""
+    src = read_manifest(source)
+    try:
+        entry = src.get(name).model_copy(deep=True)
+    except KeyError:
+        raise ModelNotFoundError(name, src.names()) from None
+    weights = source / entry.weights
+    if sha256_file(weights) != entry.sha256:
+        raise ValueError(f"{weights} does not match its manifest's sha256")
+    private = private or []
+    unknown = sorted(set(private) - {s.name for s in entry.styles})
+    if unknown:
+        raise ValueError(f"{name} has no slots named {', '.join(unknown)}")
+    for slot in entry.styles:
+        if slot.name in private:
+            slot.public = False
+    manifest = read_manifest(target)
+    for old in retire or []:
+        if old not in manifest.names():
+            raise ModelNotFoundError(old, manifest.names())
+    retired = [manifest.get(old) for old in retire or []]
+    models = [m for m in manifest.models if m.name not in (retire or []) and m.name != name]
+    updated = Manifest.model_validate(
+        manifest.model_copy(update={"models": [*models, entry]}).model_dump()
+    )
+    updated.models.sort(key=lambda m: (m.kind, m.name))
+    (target / entry.weights).parent.mkdir(parents=True, exist_ok=True)
+    tmp = target / f"{entry.weights}.tmp"
+    shutil.copyfile(weights, tmp)
+    tmp.chmod(0o644)
+    tmp.replace(target / entry.weights)
+    write_manifest(updated, target)
+    for old in retired:
+        if not any(m.weights == old.weights for m in updated.models):
+            (target / old.weights).unlink(missing_ok=True)
+    return updated.get(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.promote", description=__doc__)
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="run's zoo")
+    parser.add_argument("--model", required=True, help="the model to promote")
+    parser.add_argument("--to", dest="target", type=Path, default=None, help="default: ours")
+    parser.add_argument("--private", nargs="*", default=[], help="slots not to offer")
+    parser.add_argument("--retire", nargs="*", default=[], help="models to remove")
+    args = parser.parse_args(argv)
+    try:
+        entry = promote(
+            args.source,
+            args.model,
+            zoo_dir(args.target),
+            private=args.private,
+            retire=args.retire,
+        )
+    except (ValueError, ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    public = [s.name for s in entry.styles if s.public and s.role == "style"]
+    print(f"promoted {entry.name} ({entry.sha256[:12]}); public styles: {', '.join(public)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
