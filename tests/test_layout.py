@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,35 @@ def test_model_zoo_holds_only_what_serving_loads() -> None:
         "registry",
         "styles",
     ]
+
+
+def _layout_table() -> dict[str, str]:
+    """The README's layout table: first-column paths -> their description."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first, description = line[2:].split(" | ", 1)
+            for path in re.findall(r"`([^`]+)`", first):
+                rows[path.rstrip("/")] = description
+    return rows
+
+
+def test_readme_layout_table_matches_the_tree() -> None:
+    rows = _layout_table()
+    for path in rows:
+        assert (ROOT / path).exists(), f"README layout names {path}, which is not in the tree"
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests"} | {
+        "tests"
+    }
+    assert packages <= set(rows), f"packages missing from the README layout: {packages - set(rows)}"
+    # every module of the serving, training and evaluation packages is named in its row
+    for package in ("model_zoo", "training", "evaluation", "worker", "jobqueue", "service"):
+        described = rows[package]
+        for module in (ROOT / package).glob("*.py"):
+            if module.stem in ("__init__", "__main__", "cli"):
+                continue
+            assert f"`{module.name}`" in described or f"`{module.stem}" in described, (
+                f"README layout does not describe {package}/{module.name}"
+            )
