@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from jobqueue.protocol import Job, JobResult, JobStatus, Keys, ModelCost
 from service.launch import Child, free_port, start_api, start_worker, wait_http
+
+from .test_api_abuse import metric
 
 pytestmark = pytest.mark.slow
 
@@ -138,15 +139,6 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def cost(stack: Stack, model: str) -> ModelCost:
