@@ -6,7 +6,7 @@ accepted job got its answer.
     .venv/bin/python scripts/fault_injection.py --out docs/fault_injection.md
 
 Starts its own redis-server (append-only file, like docker-compose.yml), the API and two workers
-on free loopback ports, serving the shipped ``mosaic`` and ``x4`` models on the CPU, and stops
+on free loopback ports, serving the shipped ``multistyle`` (style ``mosaic``) and ``x4`` models on the CPU, and stops
 exactly what it started. Only 127.0.0.1 is ever contacted. Exits 1 if any request got a 5xx other
 than the expected 503/504 kinds, a bad input got anything but a 4xx JSON error, a process died
 unplanned, or an accepted job was lost.
@@ -115,7 +115,7 @@ class Stack:
         env = {
             **self.env(),
             "WORKER_ID": f"faults-{name}",
-            "WORKER_MODELS": "mosaic,x4",
+            "WORKER_MODELS": "multistyle,x4",
             "DEVICE": "cpu",
             "TORCH_THREADS": "1",
             "TILE_SIZE": "256",

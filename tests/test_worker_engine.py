@@ -540,3 +540,13 @@ def test_should_stop_drops_a_request_between_passes_and_spares_the_others(
     # without the hook, the same engine computes everything
     finished, _ = engine.run([("tiny_style", big), ("tiny_style", small)])
     assert not finished.stopped and finished.pixels.shape == (150, 190, 3)
+
+
+def test_worker_models_may_name_styles_of_a_multistyle_net(tiny_zoo: Path) -> None:
+    add_tiny_multistyle(tiny_zoo)
+    engine = Engine(zoo_dir=tiny_zoo, cpu_runtime="torch", precision="fp32")
+    # two styles of one net load it once; a model name still means the model
+    assert engine.load(["ms_a", "ms_b", "tiny_style"]) == ["tiny_multi", "tiny_style"]
+    assert set(engine.models) == {"tiny_multi", "tiny_style"}
+    with pytest.raises(Exception, match="no model named 'nope'"):
+        engine.load(["nope"])

@@ -41,7 +41,7 @@ from jobqueue.protocol import StyleControls
 from model_zoo.config import MultiStyleNetConfig
 from model_zoo.hardware import Compute, Precision, resolve_compute
 from model_zoo.imaging import tensor_to_uint8
-from model_zoo.manifest import ModelEntry
+from model_zoo.manifest import ModelEntry, read_manifest
 from model_zoo.registry import list_models, load_model
 from worker import openvino_runtime
 from worker.batching import pack
@@ -209,8 +209,22 @@ class Engine:
         return self.models[name]
 
     def load(self, names: list[str] | None = None) -> list[str]:
-        """Load and warm up ``names`` (default: every model in the manifest)."""
-        names = names if names else self.available()
+        """Load and warm up ``names`` (default: every model in the manifest); returns the models.
+
+        A name may also be a style that a multi-style net serves (``WORKER_MODELS=mosaic,x4``):
+        operators think in styles, and a style moving into a multi-style net must not break
+        their configuration. The style's net is loaded, once however many of its styles are
+        named."""
+        if not names:
+            names = self.available()
+        else:
+            models, styles = set(self.available()), read_manifest(self.zoo_dir).styles()
+            names = list(
+                dict.fromkeys(
+                    styles[name].model if name not in models and name in styles else name
+                    for name in names
+                )
+            )
         for name in names:
             self.model(name)
         return names

@@ -11,8 +11,9 @@ Variable                    Default            Meaning
                             :6379/0
 ``QUEUE_PREFIX``            imgsvc             Key prefix; must match the API's.
 ``MODEL_ZOO_DIR``           (package folder)   Zoo folder with ``manifest.json`` + weights.
-``WORKER_MODELS``           (all)              Comma list of models to load and warm up at
-                                               start; other zoo models load on first use.
+``WORKER_MODELS``           (all)              Comma list of models (or styles: their net)
+                                               to load and warm up at start; other zoo
+                                               models load on first use.
 ``MAX_BATCH``               8                  Most jobs taken per batch; also the most
                                                images / tiles in one forward pass.
 ``MAX_WAIT_MS``             10                 How long to wait for more jobs after the
