@@ -6,10 +6,10 @@ accepted job got its answer.
     .venv/bin/python scripts/fault_injection.py --out docs/fault_injection.md
 
 Starts its own redis-server (append-only file, like docker-compose.yml), the API and two workers
-on free loopback ports, serving the shipped ``multistyle`` (style ``mosaic``) and ``x4`` models on the CPU, and stops
-exactly what it started. Only 127.0.0.1 is ever contacted. Exits 1 if any request got a 5xx other
-than the expected 503/504 kinds, a bad input got anything but a 4xx JSON error, a process died
-unplanned, or an accepted job was lost.
+on free loopback ports, serving the shipped ``multistyle`` (style ``mosaic``) and ``x4`` models
+on the CPU, and stops exactly what it started. Only 127.0.0.1 is ever contacted. Exits 1 if any
+request got a 5xx other than the expected 503/504 kinds, a bad input got anything but a 4xx
+JSON error, a process died unplanned, or an accepted job was lost.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -436,8 +437,14 @@ def inject_faults(stack: Stack, report: dict[str, Any], stop: threading.Event) -
         report["burst"] = dict(Counter(threads_out))
 
     def big_and_cancel() -> None:
+        # Big enough that its estimate (the workers' measured cost) exceeds the synchronous
+        # limit, ADMISSION_HEADROOM (0.5) x REQUEST_TIMEOUT_S (30 s), with room: a faster
+        # model needs a bigger picture to be refused.
+        per_mpx = measured_costs(stack).get("multistyle", 10.0)
+        side = min(6000, max(2000, math.ceil(math.sqrt(2 * 15 / per_mpx * 1e6))))
+        report["big_side"] = side
         with httpx.Client(base_url=stack.url, timeout=30) as http:
-            big = gradient_png(2000)
+            big = gradient_png(side)
             refused = http.post(
                 "/stylize?style=mosaic", content=big, headers={"content-type": "image/png"}
             )
@@ -450,7 +457,7 @@ def inject_faults(stack: Stack, report: dict[str, Any], stop: threading.Event) -
                 report["big_async_cancel"] = cancel.json().get("status")
 
     at(5, "SIGKILL worker 1, start a replacement", kill_worker)
-    at(14, "big 2000x2000 sync (refused?) + async, cancelled after 4 s", big_and_cancel)
+    at(14, "big (>= 2000 px) sync (refused?) + async, cancelled after 4 s", big_and_cancel)
     at(22, "restart Redis (SIGTERM, append-only file)", restart_redis)
     at(32, "workers frozen (SIGSTOP), burst of 40 async jobs at a queue of 16, SIGCONT", burst)
     at(40, "SIGTERM worker (drain), start a replacement", drain_worker)
