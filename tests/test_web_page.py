@@ -40,12 +40,9 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 
-import model_zoo
+from evaluation.common import load_styles
 from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
-from model_zoo.manifest import read_manifest
 from model_zoo.reference import run_model
-from model_zoo.registry import load_model
-from model_zoo.styles import resolve_style
 from service.launch import free_port, start_api, wait_http
 
 pytestmark = pytest.mark.slow
@@ -54,7 +51,6 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "service/static/sample.jpg"
 SCREENSHOT = REPO / "docs/web_page.png"
 STYLE = "starry_night"  # shipped; picked by clicking its gallery card
-SHIPPED_ZOO = Path(model_zoo.__file__).resolve().parent
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = [
@@ -230,12 +226,8 @@ def rgb(data: bytes | Path) -> np.ndarray:
 
 def stylised_reference(style: str, photo: np.ndarray) -> np.ndarray:
     """The style's pixels from the plain fp32 reference (a single-style net or a slot)."""
-    choice = resolve_style(read_manifest(SHIPPED_ZOO), style, None)
-    net, entry = load_model(choice.model, root=SHIPPED_ZOO)
-    row = None
-    if choice.slots:
-        row = torch.tensor([choice.weights_row(len(entry.styles))])
-    return tensor_to_uint8(run_model(net, uint8_to_tensor(photo), style=row))[0]
+    (loaded,) = load_styles([style], None, torch.device("cpu"))
+    return tensor_to_uint8(run_model(loaded.net, uint8_to_tensor(photo), style=loaded.style))[0]
 
 
 def divider_fraction(driver: WebDriver) -> float:

@@ -218,7 +218,8 @@ class Engine:
         if not names:
             names = self.available()
         else:
-            models, styles = set(self.available()), read_manifest(self.zoo_dir).styles()
+            manifest = read_manifest(self.zoo_dir)
+            models, styles = set(manifest.names()), manifest.styles()
             names = list(
                 dict.fromkeys(
                     styles[name].model if name not in models and name in styles else name
