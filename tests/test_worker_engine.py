@@ -21,7 +21,7 @@ from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model, save_model
 from worker.batching import collect, pack
 from worker.encoding import EncodeOptions, encode
-from worker.engine import Engine, resolve_batch_pixels
+from worker.engine import MIN_REDUCED_SPEEDUP, Engine, resolve_batch_pixels
 from worker.ragged import pad_to_stride
 from worker.settings import CPU_AUTO_BATCH_PIXELS, CUDA_AUTO_BATCH_PIXELS, WorkerSettings
 from worker.tiling import TileAccumulator, plan_tiles
@@ -143,10 +143,11 @@ def test_padded_batch_is_exact_across_very_different_sizes(tiny_zoo: Path) -> No
 
 @pytest.mark.parametrize("name", ["tiny_style", "x4", "x8"])
 def test_reduced_precision_keeps_psnr_above_40db(tiny_zoo: Path, name: str) -> None:
-    # min_psnr_db=0: measure the raw reduced-precision path, not the calibration fallback.
-    engine = Engine(zoo_dir=tiny_zoo, precision="auto", min_psnr_db=0.0)
     expected = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
-    assert engine.precision == expected
+    assert Engine(zoo_dir=tiny_zoo, precision="auto").precision == expected
+    # min_psnr_db=0 and the precision named: the raw reduced-precision path, not the
+    # calibration's fallback or the speed probe's choice.
+    engine = Engine(zoo_dir=tiny_zoo, precision=expected, min_psnr_db=0.0)
     for seed, (h, w) in enumerate([(64, 64), (48, 36)]):
         pixels = image(h, w, seed=seed)
         (out,) = engine.run([(name, pixels)])
@@ -171,6 +172,24 @@ def test_models_that_lose_quality_in_reduced_precision_are_served_in_fp32(
     # No bar: the reduced precision is kept.
     lax = Engine(zoo_dir=tiny_zoo, precision="bf16", min_psnr_db=0.0)
     assert lax.model(name).precision == "bf16"
+
+
+@pytest.mark.parametrize("name", ["tiny_style", "x4"])
+def test_cpu_auto_precision_serves_the_faster_of_the_precisions_that_pass(
+    tiny_zoo: Path, name: str
+) -> None:
+    auto = Engine(zoo_dir=tiny_zoo, precision="auto", min_psnr_db=0.0)
+    model = auto.model(name)
+    if auto.precision == "fp32":  # no native bf16: nothing to choose, nothing timed
+        assert model.precision == "fp32" and model.precision_timings_ms == {}
+        return
+    timings = model.precision_timings_ms
+    assert set(timings) == {"bf16", "fp32"} and all(t > 0 for t in timings.values())
+    faster = "bf16" if timings["fp32"] >= MIN_REDUCED_SPEEDUP * timings["bf16"] else "fp32"
+    assert model.precision == faster
+    # A precision the operator names is quality-gated only: no probe, no speed choice.
+    named = Engine(zoo_dir=tiny_zoo, precision="bf16", min_psnr_db=0.0).model(name)
+    assert named.precision == "bf16" and named.precision_timings_ms == {}
 
 
 def naive_tiles(engine: Engine, name: str, pixels: np.ndarray, tile: int) -> np.ndarray:

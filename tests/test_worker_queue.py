@@ -309,7 +309,11 @@ def test_expired_and_cancelled_jobs_are_not_computed(
         assert queue.redis.exists(queue.keys.result(cancelled.job_id)) == 0
         assert_drained(queue)
         time.sleep(0.5)  # one more heartbeat
-        assert queue.heartbeat(worker.worker_id)["jobs_done"] == 1  # type: ignore[index]
+        beat = queue.heartbeat(worker.worker_id)
+        assert beat is not None and beat["jobs_done"] == 1
+        # What each loaded net runs in (calibration and the CPU speed probe decide per model).
+        assert set(beat["model_precision"]) == set(beat["models"])
+        assert set(beat["model_precision"].values()) <= {"fp32", "bf16", "fp16"}
         assert "cancelled by its caller" in worker.output()
 
 

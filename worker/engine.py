@@ -15,7 +15,9 @@ request's pixels do not depend on what else was in the batch. A pass holds at mo
 CPU, where bigger passes make each image slower (``worker.settings`` has the measurements).
 
 Precision: ``inference_mode`` always; autocast to bf16 on CPUs with native bf16 and to fp16 on
-CUDA (``PRECISION=auto``). InstanceNorm statistics stay float32 (``worker.ragged``).
+CUDA (``PRECISION=auto``), per model only where calibration shows the output stays within
+``MIN_PSNR_DB`` of fp32 and, on a CPU, a timed probe shows it pays (``_faster_precision``).
+InstanceNorm statistics stay float32 (``worker.ragged``).
 Alpha: the RGB part goes through the net; for style the alpha channel is re-attached as it
 was, for SR it is resized with Pillow's bicubic filter to the output size.
 """
@@ -64,6 +66,13 @@ CALIBRATION_IMAGES = tuple(sorted(CALIBRATION_DIR.glob("*.png")))
 precision gate."""
 CALIBRATION_IMAGE = CALIBRATION_IMAGES[0]
 
+SPEED_PROBE_SIDE = 384
+"""Output side (px) of the timed probe that decides reduced precision against fp32 on a CPU."""
+SPEED_PROBE_RUNS = 3
+MIN_REDUCED_SPEEDUP = 1.1
+"""Reduced precision must be this much faster than fp32 to be served: at equal speed fp32 is
+the better output, and a smaller margin would flip with timing noise."""
+
 
 def resolve_batch_pixels(value: int | Literal["auto"], device: torch.device) -> int:
     """``auto``: a memory bound on CUDA, one 256² image per pass on CPU, where a bigger pass
@@ -89,6 +98,8 @@ class LoadedModel:
     """What this model runs in: the engine's reduced precision unless calibration showed it
     costs more than ``min_psnr_db`` for this model's weights (then fp32)."""
     calibration_psnr_db: float = float("inf")
+    precision_timings_ms: dict[str, float] = field(default_factory=dict)
+    """The CPU speed probe's median times per precision (empty where no probe ran)."""
     executor: openvino_runtime.OpenVINOExecutor | None = None
     """The CPU runtime for whole images of style nets (``worker.openvino_runtime``); None:
     every pass runs in PyTorch."""
@@ -181,6 +192,8 @@ class Engine:
         # auto: fp16 on CUDA; bf16 on a CPU with native bf16 (emulated bf16 is slower than fp32)
         compute = resolve_compute(device, precision, cuda_precision="fp16")
         self.device, self.precision = compute.device, compute.precision
+        # An operator's explicit PRECISION is only quality-gated; auto on a CPU is also timed.
+        self.choose_by_speed = precision == "auto" and self.device.type == "cpu"
         self.min_psnr_db = min_psnr_db
         if cpu_runtime not in ("auto", "torch", "openvino"):
             raise ValueError(f"unknown CPU runtime {cpu_runtime!r}")
@@ -267,7 +280,9 @@ class Engine:
             "on" if model.exact_padding else "off",
             self.device,
             model.runtime,
-            f"{model.precision} ({model.calibration_psnr_db:.1f} dB vs fp32)",
+            f"{model.precision} ({model.calibration_psnr_db:.1f} dB vs fp32"
+            + "".join(f", {p} {ms:.1f} ms" for p, ms in model.precision_timings_ms.items())
+            + ")",
             time.perf_counter() - started,
         )
         return model
@@ -311,7 +326,48 @@ class Engine:
                 self.min_psnr_db,
             )
             return "fp32"
+        if self.choose_by_speed and self.precision != "fp32":
+            return self._faster_precision(model)
         return self.precision
+
+    def _faster_precision(self, model: LoadedModel) -> Precision:
+        """Time reduced precision against fp32 on this CPU and keep the faster.
+
+        Native bf16 does not mean fast bf16: on the Zen 5 development machine OpenVINO's bf16
+        kernels run the style net 2.2x faster than its f32, but on an Intel Xeon whose VM hides
+        AMX they were slower (323 vs 219 ms at 512 px), and the worker served bf16 there
+        because it passed the quality gate. The probe is one photo at ``SPEED_PROBE_SIDE`` px
+        on the whole-image path that most requests take, after a warm-up pass (OpenVINO
+        compiles per shape); reduced precision must win by ``MIN_REDUCED_SPEEDUP``."""
+        photo = torch.from_numpy(np.asarray(Image.open(CALIBRATION_IMAGE).convert("RGB")).copy())
+        photo = photo.permute(2, 0, 1).unsqueeze(0).float() / 255
+        side = max(model.stride, SPEED_PROBE_SIDE // model.factor)
+        probe = F.interpolate(photo, size=(side, side), mode="bicubic", antialias=True)
+        probe = pad_to_stride(probe.clamp(0, 1).to(self.device), model.stride)
+        style = model.style_rows()[-1]
+        styles = [None if style is None else style.to(self.device)]
+        timings: dict[str, float] = {}
+        for precision in (self.precision, "fp32"):
+            model.precision = precision
+            self._forward(model, [probe], [None], styles=styles)  # warm-up
+            runs = []
+            for _ in range(SPEED_PROBE_RUNS):
+                started = time.perf_counter()
+                self._forward(model, [probe], [None], styles=styles)
+                runs.append(time.perf_counter() - started)
+            timings[precision] = 1000 * sorted(runs)[len(runs) // 2]
+        model.precision_timings_ms = timings
+        if timings["fp32"] >= MIN_REDUCED_SPEEDUP * timings[self.precision]:
+            return self.precision
+        log.info(
+            "model %s: %s is not faster than fp32 here (%.1f vs %.1f ms at %d px); serving fp32",
+            model.name,
+            self.precision,
+            timings[self.precision],
+            timings["fp32"],
+            SPEED_PROBE_SIDE,
+        )
+        return "fp32"
 
     def _self_check(self, model: LoadedModel) -> bool:
         """Warm-up that proves a padded batch equals each image alone for this net."""
