@@ -207,8 +207,7 @@ class Consumer:
             cursor, messages = response[0], response[1]
             self._cursors[stream] = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
             entries += [
-                Entry(entry_id.decode(), fields or None, lane=lane)
-                for entry_id, fields in messages
+                Entry(entry_id.decode(), fields or None, lane=lane) for entry_id, fields in messages
             ]
         if not entries:
             return []

@@ -71,8 +71,9 @@ class QueueSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field(
-        "json", description="json: one JSON object per line (request_id, job_id...); text: "
-        "for reading in a terminal."
+        "json",
+        description="json: one JSON object per line (request_id, job_id...); text: "
+        "for reading in a terminal.",
     )
 
     @model_validator(mode="after")

@@ -304,9 +304,7 @@ async def cancel_job(request: Request, caller: CallerDep, job_id: JobIdPath) -> 
     request.state.imgsvc_job = {"job_id": job_id, "model": record.model, "op": record.op}
     if record.model:
         _metrics(request).jobs.labels(record.op, record.model, "async", "cancelled").inc()
-    return JobStatusBody(
-        job_id=job_id, status="cancelled", status_url=_status_url(request, job_id)
-    )
+    return JobStatusBody(job_id=job_id, status="cancelled", status_url=_status_url(request, job_id))
 
 
 @router.get("/styles", summary="Styles and models of the zoo (public view: no paths)")
@@ -366,12 +364,16 @@ async def metrics(request: Request) -> Response:
     return Response(registry.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-async def _estimate(request: Request, model: str, output_pixels: int) -> tuple[float, float, bool]:
-    """(estimated seconds, seconds per megapixel, measured?) of a job of ``model``."""
+async def _estimate(
+    request: Request, model: str, output_pixels: int, input_side: int
+) -> tuple[float, float, bool]:
+    """(estimated seconds, seconds per megapixel, measured?) of a job of ``model`` whose input's
+    longer side is ``input_side`` (the worker tiles big inputs, at a cost of its own)."""
     costs = await _queue(request).costs()
     cost = costs.get(model)
     if cost is not None and cost.seconds_per_megapixel > 0:
-        return cost.estimate(output_pixels), cost.seconds_per_megapixel, True
+        per_mpx = cost.seconds_per_megapixel_at(input_side)
+        return per_mpx * output_pixels / 1e6, per_mpx, True
     per_mpx = _settings(request).assumed_seconds_per_megapixel
     return per_mpx * output_pixels / 1e6, per_mpx, False
 
@@ -390,8 +392,7 @@ def _too_expensive(
     limit = sync_limit if mode == "sync" else async_limit
     basis = "measured by the workers" if measured else "assumed (not measured yet)"
     hint = (
-        " Send it with mode=async (up to "
-        f"{async_limit:g} s), or a smaller image."
+        f" Send it with mode=async (up to {async_limit:g} s), or a smaller image."
         if mode == "sync" and seconds <= async_limit
         else " Send a smaller image (or max_side for /stylize)."
     )
@@ -432,7 +433,7 @@ async def _submit(
     width, height = header.fitted(limits)
     output_pixels = width * height * factor * factor
     timeout = settings.request_timeout_s if mode == "sync" else settings.async_job_timeout_s
-    estimate = await _estimate(request, model, output_pixels)
+    estimate = await _estimate(request, model, output_pixels, max(width, height))
     if estimate[0] > settings.admission_headroom * timeout:
         metrics_.jobs.labels(op, model, mode, "too_expensive").inc()
         raise _too_expensive(settings, mode, model, (width * factor, height * factor), estimate)

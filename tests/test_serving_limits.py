@@ -108,6 +108,9 @@ def stack(
         "TILE_STATS_SIZE": "256",
         "STOP_CHECK_INTERVAL_S": "0.05",
         "COST_PROBE_SIDE": "256",
+        # Tiled images are measured at 4 x the 128 px threshold: many tiles, as in the big
+        # jobs below, rather than the overlap-heavy few just above it.
+        "COST_PROBE_TILED_SCALE": "4",
         "METRICS_PORT": str(metrics_port),
         "WORKER_ID": "limits-worker",
     }
@@ -148,9 +151,14 @@ def cost(stack: Stack, model: str) -> ModelCost:
 
 
 def side_for(stack: Stack, model: str, seconds: float) -> int:
-    """The side of a square style input the API will estimate at ``seconds``."""
-    per_mpx = cost(stack, model).seconds_per_megapixel
-    return min(4096, math.ceil(math.sqrt(seconds / per_mpx * 1e6)))
+    """The side of a square style input the API will estimate at ``seconds`` (with the tiled
+    figure where that side is tiled)."""
+    measured = cost(stack, model)
+    side = math.ceil(math.sqrt(seconds / measured.seconds_per_megapixel * 1e6))
+    if side > measured.tile_input_side > 0:
+        per_mpx = measured.seconds_per_megapixel_at(side)
+        side = max(measured.tile_input_side + 1, math.ceil(math.sqrt(seconds / per_mpx * 1e6)))
+    return min(4096, side)
 
 
 def wait_for(check: Any, timeout: float, what: str, stack: Stack) -> Any:
@@ -176,17 +184,16 @@ def stopped_lines(stack: Stack, job_id: str) -> list[dict[str, Any]]:
     ]
 
 
-class cheap_costs:
-    """Make the API believe ``model`` costs almost nothing (the API caches costs for 2 s), so
-    it admits a synchronous job that will outlive its caller's timeout."""
+class published_cost:
+    """Make the API believe ``model`` costs what ``fake`` says (the API caches costs for 2 s);
+    the worker's own figure is put back after."""
 
-    def __init__(self, stack: Stack, model: str) -> None:
-        self.stack, self.model = stack, model
+    def __init__(self, stack: Stack, model: str, fake: ModelCost) -> None:
+        self.stack, self.model, self.fake = stack, model, fake
 
     def __enter__(self) -> None:
         self.saved = cost(self.stack, self.model)
-        cheap = ModelCost(self.model, 1e-4, worker="test")
-        self.stack.redis().hset(self.stack.keys.costs, self.model, cheap.encode())
+        self.stack.redis().hset(self.stack.keys.costs, self.model, self.fake.encode())
         time.sleep(2.2)
 
     def __exit__(self, *exc: object) -> None:
@@ -194,10 +201,19 @@ class cheap_costs:
         time.sleep(2.2)
 
 
+def cheap_costs(stack: Stack, model: str) -> published_cost:
+    """``model`` costs almost nothing, so the API admits a synchronous job that will outlive
+    its caller's timeout."""
+    return published_cost(stack, model, ModelCost(model, 1e-4, worker="test"))
+
+
 def test_the_worker_measures_and_publishes_its_cost(stack: Stack) -> None:
-    for model in ("tiny_style", "mosaic", "x4", "x8"):
+    for model, factor in (("tiny_style", 1), ("mosaic", 1), ("x4", 4), ("x8", 8)):
         measured = cost(stack, model)
         assert measured.seconds_per_megapixel > 0 and measured.worker == "limits-worker"
+        # Tiled images (input above TILE_SIZE / factor) are measured apart at start-up.
+        assert measured.tile_input_side >= 128 // factor  # raised where the overlap needs it
+        assert measured.tiled_samples >= 1 and measured.tiled_seconds_per_megapixel > 0
     text = httpx.get(stack.worker_metrics).text
     published = cost(stack, "tiny_style").seconds_per_megapixel
     exported = metric(text, "imgsvc_worker_seconds_per_megapixel", model="tiny_style")
@@ -229,6 +245,24 @@ def test_a_sync_job_that_cannot_finish_in_time_is_refused_up_front(stack: Stack)
             job = Job.from_fields(entry[1])
             assert job.lane == "bulk" and job.cost_s > 1.5
         http.delete(accepted.json()["status_url"])
+
+
+def test_admission_prices_a_tiled_image_at_the_tiled_cost(stack: Stack) -> None:
+    """Whole images nearly free, tiled ones dear: an image one pixel under the tiling
+    threshold is admitted synchronously, one a few pixels over is refused at the tiled
+    figure (before, both were priced at the whole-image cost and the big one admitted)."""
+    fake = ModelCost("tiny_style", 1e-4, worker="test", tile_input_side=128)
+    fake.tiled_seconds_per_megapixel, fake.tiled_samples = 300.0, 1
+    with published_cost(stack, "tiny_style", fake), stack.client() as http:
+        small = http.post("/stylize?style=tiny_style", content=png(128, 96, 4),
+                          headers={"content-type": "image/png"})  # fmt: skip
+        assert small.status_code == 200, small.text
+        big = http.post("/stylize?style=tiny_style", content=png(136, 96, 4),
+                        headers={"content-type": "image/png"})  # fmt: skip
+        assert big.status_code == 413, big.text
+        body = big.json()
+        assert body["error"] == "job_too_expensive"
+        assert body["estimated_s"] == pytest.approx(300.0 * 136 * 96 / 1e6, rel=0.01)
 
 
 def test_a_big_job_pauses_for_small_ones_and_delete_stops_it(stack: Stack) -> None:

@@ -5,7 +5,9 @@ cost), so the number must be measured where the work happens, on the worker's ow
 load: once at start-up with a forward pass at a representative size (``probe``), then refined
 from every batch big enough to be dominated by the forward passes rather than fixed overhead
 (an exponential average, so a machine that becomes busier is noticed within a few jobs).
-Published to Redis by the heartbeat (``jobqueue.consumer.Consumer.publish_costs``).
+Images the worker tiles are measured and averaged apart
+(``ModelCost.tiled_seconds_per_megapixel``): on a CPU their cost per pixel is several times the
+whole-image one. Published to Redis by the heartbeat (``jobqueue.consumer.Consumer.publish_costs``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,17 @@ class CostTracker:
         self._changed = False
 
     def record(
-        self, model: str, seconds: float, output_pixels: int, *, probe: bool = False
+        self,
+        model: str,
+        seconds: float,
+        output_pixels: int,
+        *,
+        probe: bool = False,
+        tiled: bool = False,
+        tile_input_side: int | None = None,
     ) -> None:
-        """A measurement: ``seconds`` of compute for ``output_pixels`` of ``model``'s output."""
+        """A measurement: ``seconds`` of compute for ``output_pixels`` of ``model``'s output,
+        of tiled images when ``tiled``. ``tile_input_side`` is the engine's threshold."""
         if output_pixels <= 0 or seconds <= 0:
             return
         if not probe and output_pixels < MIN_MEASURED_PIXELS:
@@ -44,16 +54,30 @@ class CostTracker:
         per_mpx = seconds / (output_pixels / 1e6)
         with self._lock:
             current = self._costs.get(model)
-            if current is None or probe:
-                self._costs[model] = ModelCost(
-                    model, per_mpx, 1, self.worker_id, self.device, time.time()
+            if current is None:
+                # A first figure of either kind stands in for the other until it is measured.
+                current = self._costs[model] = ModelCost(
+                    model, per_mpx, 0, self.worker_id, self.device, time.time()
                 )
+            if tile_input_side is not None:
+                current.tile_input_side = tile_input_side
+            if tiled:
+                if probe or current.tiled_samples == 0:
+                    current.tiled_seconds_per_megapixel = per_mpx
+                else:
+                    current.tiled_seconds_per_megapixel += SMOOTHING * (
+                        per_mpx - current.tiled_seconds_per_megapixel
+                    )
+                current.tiled_samples += 1
             else:
-                current.seconds_per_megapixel += SMOOTHING * (
-                    per_mpx - current.seconds_per_megapixel
-                )
+                if probe or current.samples == 0:
+                    current.seconds_per_megapixel = per_mpx
+                else:
+                    current.seconds_per_megapixel += SMOOTHING * (
+                        per_mpx - current.seconds_per_megapixel
+                    )
                 current.samples += 1
-                current.updated_at = time.time()
+            current.updated_at = time.time()
             self._changed = True
 
     def get(self, model: str) -> ModelCost | None:
@@ -74,8 +98,8 @@ class CostTracker:
 
 
 def probe(engine: Engine, name: str, side: int) -> tuple[float, int]:
-    """Time one forward pass of ``name`` producing about ``side`` x ``side`` pixels, after an
-    untimed one (allocations, kernel choice). Returns (seconds, output pixels)."""
+    """Time one run of ``name`` producing about ``side`` x ``side`` pixels, after an untimed
+    one (allocations, kernel choice). Returns (seconds, output pixels)."""
     model = engine.model(name)
     input_side = max(16, side // model.factor)
     rng = np.random.default_rng(0)
@@ -85,3 +109,12 @@ def probe(engine: Engine, name: str, side: int) -> tuple[float, int]:
     (output,) = engine.run([(name, pixels)])
     seconds = time.perf_counter() - started
     return seconds, int(output.pixels.shape[0] * output.pixels.shape[1])
+
+
+def tiled_probe_side(engine: Engine, name: str, scale: float) -> int:
+    """The output side of the tiled probe: ``scale`` x the engine's tiling threshold, so the
+    probe runs several tiles and their statistics pass (0: ``name`` is never tiled)."""
+    threshold = engine.tile_input_side(name)
+    if threshold == 0 or scale <= 1:
+        return 0
+    return int(threshold * scale) * engine.model(name).factor

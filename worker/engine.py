@@ -137,6 +137,8 @@ class EngineOutput:
     """Most requests that shared one forward pass with this one (1 = ran alone)."""
     stopped: bool = False
     """``should_stop`` dropped the request before it was finished: ``pixels`` is empty."""
+    tiled: bool = False
+    """The image ran as tiles (its cost per pixel differs: ``worker.costs``)."""
 
 
 @dataclass
@@ -214,6 +216,11 @@ class Engine:
 
     def available(self) -> list[str]:
         return [entry.name for entry in list_models(self.zoo_dir)]
+
+    def tile_input_side(self, name: str) -> int:
+        """The largest input side ``name`` runs whole; bigger inputs run as tiles (0: never)."""
+        model = self.model(name)
+        return 0 if model.ragged is None else self._tile_in(model)
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model, loading it on first use; raises ``ModelNotFoundError``."""
@@ -498,19 +505,21 @@ class Engine:
 
     # ----------------------------------------------------------------------------- run
 
+    def _overlap_in(self, model: LoadedModel) -> int:
+        if self.tile_overlap == "auto":
+            return auto_overlap(model.radius, model.stride)
+        return -(-self.tile_overlap // model.factor)
+
+    def _tile_in(self, model: LoadedModel) -> int:
+        """The input tile side: ``TILE_SIZE`` / factor, raised where a tile could not advance by
+        its overlap (most of every pass would be spent on context)."""
+        return max(self.tile_size // model.factor, 2 * self._overlap_in(model))
+
     def _tile_plan(self, model: LoadedModel, height: int, width: int) -> TilePlan | None:
-        tile_in = self.tile_size // model.factor
+        tile_in = self._tile_in(model)
         if model.ragged is None or (height <= tile_in and width <= tile_in):
             return None
-        if self.tile_overlap == "auto":
-            overlap_in = auto_overlap(model.radius, model.stride)
-        else:
-            overlap_in = -(-self.tile_overlap // model.factor)
-        # A tile must advance by at least its overlap, or most of every pass is spent on
-        # context; so a TILE_SIZE too small for the model's overlap is raised.
-        tile_in = max(tile_in, 2 * overlap_in)
-        if height <= tile_in and width <= tile_in:
-            return None
+        overlap_in = self._overlap_in(model)
         plan = plan_tiles(
             height,
             width,
@@ -645,15 +654,16 @@ class Engine:
         if request.model.kind == "style":
             image = _apply_controls(image, request)
         rgb = _to_uint8(image)
+        tiled = request.plan is not None
         if request.alpha is None:
-            return EngineOutput(rgb, request.batch_size)
+            return EngineOutput(rgb, request.batch_size, tiled=tiled)
         alpha = request.alpha
         if f != 1:
             resized = Image.fromarray(alpha, "L").resize(
                 (request.width * f, request.height * f), Image.Resampling.BICUBIC
             )
             alpha = np.asarray(resized)
-        return EngineOutput(np.dstack([rgb, alpha]), request.batch_size)
+        return EngineOutput(np.dstack([rgb, alpha]), request.batch_size, tiled=tiled)
 
 
 def _to_float_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -55,7 +55,7 @@ from jobqueue.settings import redacted_url
 from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
 from worker.batching import collect, fill
-from worker.costs import CostTracker, probe
+from worker.costs import CostTracker, probe, tiled_probe_side
 from worker.encoding import EncodeOptions, encode
 from worker.engine import Engine, EngineOutput
 from worker.metrics import WorkerMetrics
@@ -201,16 +201,28 @@ class Worker:
         jobs by cost before this worker has computed any."""
         for name in names:
             try:
+                threshold = self.engine.tile_input_side(name)
                 seconds, pixels = probe(self.engine, name, self.settings.cost_probe_side)
+                self.costs.record(name, seconds, pixels, probe=True, tile_input_side=threshold)
+                tiled_side = tiled_probe_side(
+                    self.engine, name, self.settings.cost_probe_tiled_scale
+                )
+                if tiled_side:
+                    seconds, pixels = probe(self.engine, name, tiled_side)
+                    self.costs.record(name, seconds, pixels, probe=True, tiled=True)
             except Exception:  # a model that cannot be probed is still served
                 log.exception("could not measure the cost of %s", name)
                 continue
-            self.costs.record(name, seconds, pixels, probe=True)
             cost = self.costs.get(name)
             if cost is not None:
                 self.metrics.cost.labels(name).set(cost.seconds_per_megapixel)
-                log.info("model %s costs %.3f s per output megapixel", name,
-                         cost.seconds_per_megapixel)  # fmt: skip
+                log.info(
+                    "model %s costs %.3f s per output megapixel (tiled, above %d px input: %s)",
+                    name,
+                    cost.seconds_per_megapixel,
+                    cost.tile_input_side,
+                    f"{cost.tiled_seconds_per_megapixel:.3f}" if cost.tiled_samples else "-",
+                )
         with contextlib.suppress(redis.RedisError):
             self.consumer.publish_costs(self.costs.take_changes())
 
@@ -514,9 +526,12 @@ class Worker:
         models = {w.job.model for w in work}
         if len(models) != 1 or any(o.stopped for o in outputs):
             return
+        tiled = {o.tiled for o in outputs}
+        if len(tiled) != 1:  # whole and tiled images in one batch: their shares are unknown
+            return
         (model,) = models
         pixels = sum(int(o.pixels.shape[0] * o.pixels.shape[1]) for o in outputs)
-        self.costs.record(model, compute, pixels)
+        self.costs.record(model, compute, pixels, tiled=tiled.pop())
         cost = self.costs.get(model)
         if cost is not None:
             self.metrics.cost.labels(model).set(cost.seconds_per_megapixel)
