@@ -440,7 +440,9 @@ def inject_faults(stack: Stack, report: dict[str, Any], stop: threading.Event) -
         # Big enough that its estimate (the workers' measured cost) exceeds the synchronous
         # limit, ADMISSION_HEADROOM (0.5) x REQUEST_TIMEOUT_S (30 s), with room: a faster
         # model needs a bigger picture to be refused.
-        per_mpx = measured_costs(stack).get("multistyle", 10.0)
+        # >= 2000 px is tiled: the API prices it at the tiled figure, and so does this.
+        cost = measured_costs(stack).get("multistyle", {})
+        per_mpx = cost.get("tiled") or cost.get("whole") or 10.0
         side = min(6000, max(2000, math.ceil(math.sqrt(2 * 15 / per_mpx * 1e6))))
         report["big_side"] = side
         with httpx.Client(base_url=stack.url, timeout=30) as http:
@@ -471,14 +473,20 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def measured_costs(stack: Stack) -> dict[str, float]:
+def measured_costs(stack: Stack) -> dict[str, dict[str, float]]:
+    """Each model's published seconds per megapixel, whole and tiled images."""
     import redis
 
+    from jobqueue.protocol import ModelCost
+
     client = redis.Redis.from_url(stack.env()["REDIS_URL"])
-    costs = client.hgetall("faults:costs")
+    costs = [ModelCost.decode(value) for value in client.hgetall("faults:costs").values()]
     return {
-        name.decode(): round(json.loads(value)["seconds_per_megapixel"], 2)
-        for name, value in costs.items()
+        cost.model: {
+            "whole": round(cost.seconds_per_megapixel, 2),
+            "tiled": round(cost.tiled_seconds_per_megapixel, 2),
+        }
+        for cost in costs
     }
 
 
