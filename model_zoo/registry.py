@@ -63,6 +63,30 @@ def get_entry(name: str, root: str | os.PathLike[str] | None = None) -> ModelEnt
         raise ModelNotFoundError(name, manifest.names()) from None
 
 
+def check_entry(
+    *,
+    name: str,
+    kind: str,
+    arch: ArchConfig,
+    root: str | os.PathLike[str] | None = None,
+    **entry_fields: Any,
+) -> None:
+    """Raise now what ``save_model`` would refuse later (a style name another model offers, a
+    field out of range): a trainer calls this before hours of training, not after them."""
+    entry = ModelEntry(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        arch=arch,
+        weights=f"{WEIGHTS_DIR}/{name}.safetensors",
+        sha256="0" * 64,
+        num_parameters=0,
+        **entry_fields,
+    )
+    manifest = read_manifest(zoo_dir(root))
+    manifest.upsert(entry)
+    Manifest.model_validate(manifest.model_dump())
+
+
 def save_model(
     net: nn.Module,
     *,

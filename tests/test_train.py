@@ -373,6 +373,18 @@ def test_multistyle_training_records_its_slots_and_resumes(photo_dir: Path, tmp_
     assert Image.open(runs / "multi" / "samples_64.jpg").width == 4 * 64
 
 
+def test_a_run_whose_export_the_zoo_would_refuse_fails_before_training(
+    photo_dir: Path, style_image: Path, tmp_path: Path
+) -> None:
+    """A single-style net offers ``reds``; a multi-style run with a public ``reds`` slot into
+    that zoo must stop at once (it used to train to the end, then fail to export)."""
+    run(_style_args(photo_dir, style_image, tmp_path, "reds", "--iterations", "1"))
+    with pytest.raises(ValueError, match="'reds' is offered by both"):
+        train.main(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "3"))
+    assert not (tmp_path / "runs" / "multi").exists()
+    assert read_manifest(tmp_path / "zoo").names() == ["reds"]
+
+
 def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> None:
     zoo = tmp_path / "zoo"
     run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "2"))

@@ -62,6 +62,15 @@ def start_run(task: TrainingTask, device: torch.device) -> tuple[nn.Module, RunS
     Returns the net, the fresh run state, the checkpoint path and whether a checkpoint will be
     resumed (the caller loads it once its optimiser exists)."""
     settings = task.settings
+    # The export at the end must be accepted: a multi-style run into a zoo whose single-style
+    # nets offer the same style names was refused only after its hours of training.
+    registry.check_entry(
+        name=settings.name,
+        kind=task.kind,
+        arch=task.architecture(),
+        root=settings.zoo,
+        **task.manifest_fields(),
+    )
     run_dir = Path(settings.run_dir) / settings.name
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.safetensors"
