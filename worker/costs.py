@@ -27,6 +27,14 @@ MIN_MEASURED_PIXELS = 256 * 256
 dominate and inflate it."""
 
 
+def _averaged(average: float, samples: int, measured: float, probe: bool) -> float:
+    """The average after ``measured``: a probe or a first sample replaces it (a stand-in or a
+    stale figure must not linger), later samples move it by ``SMOOTHING``."""
+    if probe or samples == 0:
+        return measured
+    return average + SMOOTHING * (measured - average)
+
+
 class CostTracker:
     def __init__(self, worker_id: str, device: str) -> None:
         self.worker_id = worker_id
@@ -62,20 +70,14 @@ class CostTracker:
             if tile_input_side is not None:
                 current.tile_input_side = tile_input_side
             if tiled:
-                if probe or current.tiled_samples == 0:
-                    current.tiled_seconds_per_megapixel = per_mpx
-                else:
-                    current.tiled_seconds_per_megapixel += SMOOTHING * (
-                        per_mpx - current.tiled_seconds_per_megapixel
-                    )
+                current.tiled_seconds_per_megapixel = _averaged(
+                    current.tiled_seconds_per_megapixel, current.tiled_samples, per_mpx, probe
+                )
                 current.tiled_samples += 1
             else:
-                if probe or current.samples == 0:
-                    current.seconds_per_megapixel = per_mpx
-                else:
-                    current.seconds_per_megapixel += SMOOTHING * (
-                        per_mpx - current.seconds_per_megapixel
-                    )
+                current.seconds_per_megapixel = _averaged(
+                    current.seconds_per_megapixel, current.samples, per_mpx, probe
+                )
                 current.samples += 1
             current.updated_at = time.time()
             self._changed = True
