@@ -33,6 +33,10 @@ def zoo_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 
 
+IDENTITY_MIN_PSNR_DB = 25.0
+"""An identity slot below this (PSNR against the photo) is not used for ``strength``."""
+
+
 class StyleSlot(BaseModel):
     """One style of a multi-style net: the name users ask for and its row of the conditional
     instance-norm tables, with what it was trained on and how good it is."""
@@ -99,6 +103,22 @@ class ModelEntry(BaseModel):
     def identity_index(self) -> int | None:
         return next((s.index for s in self.styles if s.role == "identity"), None)
 
+    @property
+    def strength_identity_index(self) -> int | None:
+        """The identity slot, if ``strength`` may use it: unless its measured fidelity (PSNR of
+        its output against the photo, ``metrics["fidelity"]``, written by
+        ``training.promote``) is below ``IDENTITY_MIN_PSNR_DB``.
+
+        Why: interpolating the conditional parameters towards an identity slot only fades the
+        style if that slot gives back the photo. The CPU-trained net's identity slot read
+        13-19 dB: greyed, darkened photos, so ``strength=0.25`` returned a grey picture. Then a
+        pixel blend with the photo is the honest strength, and it is used instead."""
+        for slot in self.styles:
+            if slot.role == "identity":
+                psnr = slot.metrics.get("fidelity", {}).get("psnr_db")
+                return slot.index if psnr is None or psnr >= IDENTITY_MIN_PSNR_DB else None
+        return None
+
 
 @dataclass(frozen=True)
 class StyleRef:
@@ -109,7 +129,8 @@ class StyleRef:
     index: int | None
     """The slot in the conditional tables; None for a single-style net."""
     identity: int | None
-    """The net's identity slot (what ``strength`` < 1 mixes in); None if it has none."""
+    """The net's identity slot (what ``strength`` < 1 mixes in); None if it has none or it is
+    not faithful enough (``ModelEntry.strength_identity_index``)."""
 
 
 class Manifest(BaseModel):
@@ -139,7 +160,7 @@ class Manifest(BaseModel):
                 refs.append(StyleRef(entry.name, entry.name, None, None))
                 continue
             refs += [
-                StyleRef(slot.name, entry.name, slot.index, entry.identity_index)
+                StyleRef(slot.name, entry.name, slot.index, entry.strength_identity_index)
                 for slot in entry.styles
                 if slot.public and slot.role == "style"
             ]

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.manifest import read_manifest
+from model_zoo.manifest import IDENTITY_MIN_PSNR_DB, Manifest, read_manifest
 from model_zoo.registry import load_model, sha256_file
+from model_zoo.styles import resolve_style
 from training import cli as train
 from training.data import ImageFolderCrops, degrade
 
@@ -449,6 +450,24 @@ def test_a_resumed_run_may_regroup_its_parameters(tmp_path: Path) -> None:
         torch.testing.assert_close(three.state[p]["exp_avg_sq"], one.state[p]["exp_avg_sq"])
 
 
+def test_strength_uses_the_identity_slot_only_if_it_gives_the_photo_back(tmp_path: Path) -> None:
+    from tests.conftest import add_tiny_multistyle, make_tiny_zoo
+
+    zoo = make_tiny_zoo(tmp_path / "zoo")
+    add_tiny_multistyle(zoo)
+    manifest = read_manifest(zoo)
+    entry = next(m for m in manifest.models if m.identity_index is not None)
+    style = next(s.name for s in entry.styles if s.role == "style" and s.public)
+    # Unmeasured (an older manifest): the identity slot is trusted.
+    assert resolve_style(manifest, style, None).identity == entry.identity_index
+    for psnr, uses_slot in ((IDENTITY_MIN_PSNR_DB + 1, True), (IDENTITY_MIN_PSNR_DB - 1, False)):
+        slot = next(s for s in entry.styles if s.role == "identity")
+        slot.metrics["fidelity"] = {"psnr_db": psnr}
+        choice = resolve_style(Manifest.model_validate(manifest.model_dump()), style, None)
+        assert (choice.identity is not None) is uses_slot
+        assert choice.pixel_blend(0.5) is not uses_slot
+
+
 def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
     photo_dir: Path, tmp_path: Path
 ) -> None:
@@ -469,3 +488,10 @@ def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
     assert entry.iterations == 1 and entry.training["lineage"] == []
     net, _ = load_model("multi", root=shipped)
     assert net(torch.rand(1, 3, 16, 16), net.one_hot(2)).shape == (1, 3, 16, 16)
+    # The identity slot's fidelity is measured on the way and decides how strength works: this
+    # one-iteration net does not give the photo back, so strength blends pixels instead.
+    fidelity = entry.styles[0].metrics["fidelity"]
+    assert entry.styles[0].role == "identity" and fidelity["psnr_db"] < IDENTITY_MIN_PSNR_DB
+    assert fidelity["strength"] == "pixel blend"
+    choice = resolve_style(manifest, "reds", None)
+    assert choice.identity is None and choice.pixel_blend(0.5)

@@ -5,7 +5,10 @@ break the shipped manifest, e.g. with a style name the shipped zoo already offer
 the deliberate step: it copies the weights and the whole manifest entry (training record,
 lineage, metrics), may make some of a multi-style net's slots private (``--private``: an older
 single-style net of that name stays the served one) and retire single-style nets that the new
-slots replace (``--retire``), all in one validated manifest write.
+slots replace (``--retire``), all in one validated manifest write. The identity slot's
+fidelity (PSNR of its output against the photo) is measured on the way and recorded in its
+metrics: ``strength`` uses the slot only if it gives the photo back
+(``model_zoo.manifest.ModelEntry.strength_identity_index``).
 
     python -m training.promote --from runs/zoo-ms --model multistyle \\
         --retire mosaic candy --private udnie
@@ -14,12 +17,48 @@ slots replace (``--retire``), all in one validated manifest write.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from model_zoo.manifest import Manifest, ModelEntry, read_manifest, write_manifest, zoo_dir
-from model_zoo.registry import ModelNotFoundError, sha256_file
+import torch
+
+from model_zoo.manifest import (
+    IDENTITY_MIN_PSNR_DB,
+    Manifest,
+    ModelEntry,
+    read_manifest,
+    write_manifest,
+    zoo_dir,
+)
+from model_zoo.registry import ModelNotFoundError, load_model, sha256_file
+from training.storage import DEFAULT_PHOTOS, PROBE_SIDE, probes
+
+
+def identity_fidelity(source: Path, name: str) -> dict[str, Any] | None:
+    """PSNR of the identity slot's fp32 output against the photo on the storage probes (8-bit,
+    MSE over all photos); None for a net without an identity slot."""
+    net, entry = load_model(name, root=source)
+    if entry.identity_index is None:
+        return None
+    net.eval()
+    error, count = 0.0, 0
+    with torch.inference_mode():
+        for photo in probes(DEFAULT_PHOTOS, 1):
+            out = net(photo, net.one_hot(entry.identity_index)).clamp(0, 1)
+            diff = ((out - photo) * 255).round()
+            error, count = error + float(diff.pow(2).sum()), count + diff.numel()
+    mse = error / count
+    psnr = float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+    return {
+        "psnr_db": round(psnr, 2),
+        "min_psnr_db": IDENTITY_MIN_PSNR_DB,
+        "strength": "identity slot" if psnr >= IDENTITY_MIN_PSNR_DB else "pixel blend",
+        "probes": [p.name for p in DEFAULT_PHOTOS],
+        "probe_side": PROBE_SIDE,
+    }
 
 
 def promote(
@@ -46,6 +85,10 @@ def promote(
     for slot in entry.styles:
         if slot.name in private:
             slot.public = False
+    fidelity = identity_fidelity(source, name)
+    for slot in entry.styles:
+        if slot.role == "identity" and fidelity is not None:
+            slot.metrics["fidelity"] = fidelity
     manifest = read_manifest(target)
     for old in retire or []:
         if old not in manifest.names():
@@ -89,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     public = [s.name for s in entry.styles if s.public and s.role == "style"]
     print(f"promoted {entry.name} ({entry.sha256[:12]}); public styles: {', '.join(public)}")
+    for slot in entry.styles:
+        if "fidelity" in slot.metrics:
+            fidelity = slot.metrics["fidelity"]
+            print(f"identity slot: {fidelity['psnr_db']} dB; strength by {fidelity['strength']}")
     return 0
 
 
