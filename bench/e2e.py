@@ -55,6 +55,7 @@ def bare_cost(zoo: Path, style: str, size: int, reps: int, warmup: int) -> dict[
         tile_size=ws.tile_size,
         tile_overlap=ws.tile_overlap,
         tile_stats_size=ws.tile_stats_size,
+        whole_max_pixels=ws.whole_max_pixels,
     )
     engine.load([style])
     pixels = synthetic_array(size, size, seed=1)

@@ -348,7 +348,7 @@ class ModelCost:
     jobs it computes (an exponential average, big jobs only: small ones are dominated by fixed
     overhead). The API multiplies it by a job's output megapixels to admit, refuse or lane it.
 
-    Images the worker cuts into tiles (input side above ``tile_input_side``) have a cost of
+    Images the worker cuts into tiles (``tiled``) have a cost of
     their own: tiles run in PyTorch with borrowed instance-norm statistics, an extra
     statistics pass and overlap, while whole images of a style net run in OpenVINO; on the
     2-core CPU a 1536 px output cost 3.0 s per megapixel tiled against 0.42 whole (style net)
@@ -367,16 +367,22 @@ class ModelCost:
     tiled_samples: int = 0
     tile_input_side: int = 0
     """The largest input side the worker runs whole; 0: it never tiles this model."""
+    whole_max_pixels: int = 0
+    """... unless the input has at most this many pixels (whole images in OpenVINO)."""
 
-    def seconds_per_megapixel_at(self, input_side: int) -> float:
-        """The cost per output megapixel of an input whose longer side is ``input_side``."""
-        tiled = 0 < self.tile_input_side < input_side
-        if tiled and self.tiled_seconds_per_megapixel > 0:
+    def tiled(self, width: int, height: int) -> bool:
+        """Whether the worker runs a ``width`` x ``height`` input as tiles (``Engine.tiling``)."""
+        longest = max(width, height)
+        return 0 < self.tile_input_side < longest and width * height > self.whole_max_pixels
+
+    def seconds_per_megapixel_at(self, width: int, height: int) -> float:
+        """The cost per output megapixel of a ``width`` x ``height`` input."""
+        if self.tiled(width, height) and self.tiled_seconds_per_megapixel > 0:
             return self.tiled_seconds_per_megapixel
         return self.seconds_per_megapixel
 
-    def estimate(self, output_pixels: int, input_side: int = 0) -> float:
-        return self.seconds_per_megapixel_at(input_side) * output_pixels / 1e6
+    def estimate(self, output_pixels: int, width: int = 0, height: int = 0) -> float:
+        return self.seconds_per_megapixel_at(width, height) * output_pixels / 1e6
 
     def encode(self) -> str:
         return json.dumps(asdict(self))

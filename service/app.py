@@ -365,14 +365,14 @@ async def metrics(request: Request) -> Response:
 
 
 async def _estimate(
-    request: Request, model: str, output_pixels: int, input_side: int
+    request: Request, model: str, output_pixels: int, width: int, height: int
 ) -> tuple[float, float, bool]:
-    """(estimated seconds, seconds per megapixel, measured?) of a job of ``model`` whose input's
-    longer side is ``input_side`` (the worker tiles big inputs, at a cost of its own)."""
+    """(estimated seconds, seconds per megapixel, measured?) of a job of ``model`` with a
+    ``width`` x ``height`` input (the worker tiles big inputs, at a cost of its own)."""
     costs = await _queue(request).costs()
     cost = costs.get(model)
     if cost is not None and cost.seconds_per_megapixel > 0:
-        per_mpx = cost.seconds_per_megapixel_at(input_side)
+        per_mpx = cost.seconds_per_megapixel_at(width, height)
         return per_mpx * output_pixels / 1e6, per_mpx, True
     per_mpx = _settings(request).assumed_seconds_per_megapixel
     return per_mpx * output_pixels / 1e6, per_mpx, False
@@ -433,7 +433,7 @@ async def _submit(
     width, height = header.fitted(limits)
     output_pixels = width * height * factor * factor
     timeout = settings.request_timeout_s if mode == "sync" else settings.async_job_timeout_s
-    estimate = await _estimate(request, model, output_pixels, max(width, height))
+    estimate = await _estimate(request, model, output_pixels, width, height)
     if estimate[0] > settings.admission_headroom * timeout:
         metrics_.jobs.labels(op, model, mode, "too_expensive").inc()
         raise _too_expensive(settings, mode, model, (width * factor, height * factor), estimate)

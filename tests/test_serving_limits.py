@@ -105,6 +105,7 @@ def stack(
         "MAX_BATCH": "4",
         "MAX_WAIT_MS": "10",
         "TILE_SIZE": "128",
+        "WHOLE_MAX_PIXELS": "0",  # big images are many tile passes here, in every runtime
         "TILE_STATS_SIZE": "256",
         "STOP_CHECK_INTERVAL_S": "0.05",
         "COST_PROBE_SIDE": "256",
@@ -155,8 +156,8 @@ def side_for(stack: Stack, model: str, seconds: float) -> int:
     figure where that side is tiled)."""
     measured = cost(stack, model)
     side = math.ceil(math.sqrt(seconds / measured.seconds_per_megapixel * 1e6))
-    if side > measured.tile_input_side > 0:
-        per_mpx = measured.seconds_per_megapixel_at(side)
+    if measured.tiled(side, side):
+        per_mpx = measured.seconds_per_megapixel_at(side, side)
         side = max(measured.tile_input_side + 1, math.ceil(math.sqrt(seconds / per_mpx * 1e6)))
     return min(4096, side)
 

@@ -391,7 +391,13 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = WorkerSettings(_env_file=None)
     assert settings.worker_models == ["mosaic", "x4"]
     assert settings.tile_overlap == 48 and settings.max_batch == 4
-    assert settings.queue_prefix == "imgsvc"
+    assert settings.queue_prefix == "imgsvc" and settings.whole_max_pixels == "auto"
+    monkeypatch.setenv("WHOLE_MAX_PIXELS", "1000000")
+    assert WorkerSettings(_env_file=None).whole_max_pixels == 1_000_000
+    monkeypatch.setenv("WHOLE_MAX_PIXELS", "-1")
+    with pytest.raises(ValueError, match="WHOLE_MAX_PIXELS"):
+        WorkerSettings(_env_file=None)
+    monkeypatch.setenv("WHOLE_MAX_PIXELS", "auto")
     monkeypatch.setenv("TILE_OVERLAP", "auto")
     monkeypatch.setenv("CLAIM_IDLE_MS", "100")
     monkeypatch.setenv("HEARTBEAT_INTERVAL_S", "1")

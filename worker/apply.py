@@ -162,7 +162,11 @@ def run(args: argparse.Namespace) -> int:
     if args.output and len(files) != 1:
         raise ApplyError("-o/--output takes one input; use --out-dir for several")
     engine = Engine(
-        zoo_dir=args.zoo, device=args.device, precision=args.precision, tile_size=args.tile_size
+        zoo_dir=args.zoo,
+        device=args.device,
+        precision=args.precision,
+        tile_size=args.tile_size,
+        whole_max_pixels="auto",  # as the worker runs big images
     )
     engine.model(model)  # load (and calibrate) once, before the first file
     fmt = FORMATS[args.format]

@@ -12,6 +12,7 @@ whole-image one. Published to Redis by the heartbeat (``jobqueue.consumer.Consum
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -51,10 +52,10 @@ class CostTracker:
         *,
         probe: bool = False,
         tiled: bool = False,
-        tile_input_side: int | None = None,
+        tiling: tuple[int, int] | None = None,
     ) -> None:
         """A measurement: ``seconds`` of compute for ``output_pixels`` of ``model``'s output,
-        of tiled images when ``tiled``. ``tile_input_side`` is the engine's threshold."""
+        of tiled images when ``tiled``. ``tiling`` is the engine's rule (``Engine.tiling``)."""
         if output_pixels <= 0 or seconds <= 0:
             return
         if not probe and output_pixels < MIN_MEASURED_PIXELS:
@@ -67,8 +68,8 @@ class CostTracker:
                 current = self._costs[model] = ModelCost(
                     model, per_mpx, 0, self.worker_id, self.device, time.time()
                 )
-            if tile_input_side is not None:
-                current.tile_input_side = tile_input_side
+            if tiling is not None:
+                current.tile_input_side, current.whole_max_pixels = tiling
             if tiled:
                 current.tiled_seconds_per_megapixel = _averaged(
                     current.tiled_seconds_per_megapixel, current.tiled_samples, per_mpx, probe
@@ -99,24 +100,25 @@ class CostTracker:
             return [ModelCost(**vars(cost)) for cost in self._costs.values()]
 
 
-def probe(engine: Engine, name: str, side: int) -> tuple[float, int]:
+def probe(engine: Engine, name: str, side: int, *, tiled: bool = False) -> tuple[float, int]:
     """Time one run of ``name`` producing about ``side`` x ``side`` pixels, after an untimed
-    one (allocations, kernel choice). Returns (seconds, output pixels)."""
+    one (allocations, kernel choice), as tiles if ``tiled``. Returns (seconds, output pixels)."""
     model = engine.model(name)
     input_side = max(16, side // model.factor)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (input_side, input_side, 3), dtype=np.uint8)
-    engine.run([(name, pixels)])
-    started = time.perf_counter()
-    (output,) = engine.run([(name, pixels)])
-    seconds = time.perf_counter() - started
+    with engine.forced_tiles() if tiled else contextlib.nullcontext():
+        engine.run([(name, pixels)])
+        started = time.perf_counter()
+        (output,) = engine.run([(name, pixels)])
+        seconds = time.perf_counter() - started
     return seconds, int(output.pixels.shape[0] * output.pixels.shape[1])
 
 
 def tiled_probe_side(engine: Engine, name: str, scale: float) -> int:
-    """The output side of the tiled probe: ``scale`` x the engine's tiling threshold, so the
-    probe runs several tiles and their statistics pass (0: ``name`` is never tiled)."""
-    threshold = engine.tile_input_side(name)
+    """The output side of the tiled probe: ``scale`` x the tile size, so the probe runs several
+    tiles and their statistics pass (0: ``name`` is never tiled)."""
+    threshold, _ = engine.tiling(name)
     if threshold == 0 or scale <= 1:
         return 0
     return int(threshold * scale) * engine.model(name).factor

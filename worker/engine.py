@@ -24,11 +24,12 @@ was, for SR it is resized with Pillow's bicubic filter to the output size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -69,6 +70,14 @@ CALIBRATION_IMAGE = CALIBRATION_IMAGES[0]
 SPEED_PROBE_SIDE = 384
 """Output side (px) of the timed probe that decides reduced precision against fp32 on a CPU."""
 SPEED_PROBE_RUNS = 3
+CPU_OPENVINO_WHOLE_MAX_PIXELS = 2048 * 2048
+"""``WHOLE_MAX_PIXELS=auto``: images up to this many pixels run whole in OpenVINO, not as tiles.
+
+Tiles run in PyTorch with borrowed statistics, a statistics pass and overlap; on the 2-core
+Zen 4 the style net took 2.0-2.2 s per megapixel tiled (1536-2048 px) and 0.42 whole in
+OpenVINO, which also needs no approximation. 2048² whole peaked ~0.5 GB above the loaded
+worker (3000² ~2 GB), inside the CPU worker's 4 GiB limit (``deploy/k8s/cpu``). The price is
+preemption: a small job waits for one whole pass (1.8 s at 2048² there) instead of one tile."""
 MIN_REDUCED_SPEEDUP = 1.1
 """Reduced precision must be this much faster than fp32 to be served: at equal speed fp32 is
 the better output, and a smaller margin would flip with timing noise."""
@@ -189,6 +198,7 @@ class Engine:
         tile_size: int = 1024,
         tile_overlap: int | Literal["auto"] = "auto",
         tile_stats_size: int = 1024,
+        whole_max_pixels: int | Literal["auto"] = 0,
     ) -> None:
         self.zoo_dir = Path(zoo_dir) if zoo_dir is not None else None
         # auto: fp16 on CUDA; bf16 on a CPU with native bf16 (emulated bf16 is slower than fp32)
@@ -208,6 +218,8 @@ class Engine:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.tile_stats_size = tile_stats_size
+        self.whole_max_pixels = whole_max_pixels
+        self._force_tiles = False
         self.models: dict[str, LoadedModel] = {}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -217,10 +229,32 @@ class Engine:
     def available(self) -> list[str]:
         return [entry.name for entry in list_models(self.zoo_dir)]
 
-    def tile_input_side(self, name: str) -> int:
-        """The largest input side ``name`` runs whole; bigger inputs run as tiles (0: never)."""
+    def tiling(self, name: str) -> tuple[int, int]:
+        """When ``name`` tiles an input: (side, pixels): an input whose longer side exceeds
+        ``side`` and whose pixels exceed ``pixels`` runs as tiles (side 0: never tiled)."""
         model = self.model(name)
-        return 0 if model.ragged is None else self._tile_in(model)
+        if model.ragged is None:
+            return 0, 0
+        return self._tile_in(model), self._whole_max_pixels(model)
+
+    def _whole_max_pixels(self, model: LoadedModel) -> int:
+        """Pixels up to which an image above the tile size still runs whole: only where whole
+        images have a runtime of their own (OpenVINO), and not while tiling is forced."""
+        if model.executor is None or self._force_tiles:
+            return 0
+        if self.whole_max_pixels == "auto":
+            return CPU_OPENVINO_WHOLE_MAX_PIXELS
+        return self.whole_max_pixels
+
+    @contextlib.contextmanager
+    def forced_tiles(self) -> Iterator[None]:
+        """Tile every input above the tile size (the cost probe measures the tiled path on an
+        image that would otherwise run whole)."""
+        self._force_tiles = True
+        try:
+            yield
+        finally:
+            self._force_tiles = False
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model, loading it on first use; raises ``ModelNotFoundError``."""
@@ -518,6 +552,8 @@ class Engine:
     def _tile_plan(self, model: LoadedModel, height: int, width: int) -> TilePlan | None:
         tile_in = self._tile_in(model)
         if model.ragged is None or (height <= tile_in and width <= tile_in):
+            return None
+        if height * width <= self._whole_max_pixels(model):
             return None
         overlap_in = self._overlap_in(model)
         plan = plan_tiles(

@@ -201,14 +201,14 @@ class Worker:
         jobs by cost before this worker has computed any."""
         for name in names:
             try:
-                threshold = self.engine.tile_input_side(name)
+                tiling = self.engine.tiling(name)
                 seconds, pixels = probe(self.engine, name, self.settings.cost_probe_side)
-                self.costs.record(name, seconds, pixels, probe=True, tile_input_side=threshold)
+                self.costs.record(name, seconds, pixels, probe=True, tiling=tiling)
                 tiled_side = tiled_probe_side(
                     self.engine, name, self.settings.cost_probe_tiled_scale
                 )
                 if tiled_side:
-                    seconds, pixels = probe(self.engine, name, tiled_side)
+                    seconds, pixels = probe(self.engine, name, tiled_side, tiled=True)
                     self.costs.record(name, seconds, pixels, probe=True, tiled=True)
             except Exception:  # a model that cannot be probed is still served
                 log.exception("could not measure the cost of %s", name)
@@ -682,6 +682,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
         tile_size=settings.tile_size,
         tile_overlap=settings.tile_overlap,
         tile_stats_size=settings.tile_stats_size,
+        whole_max_pixels=settings.whole_max_pixels,
     )
 
 

@@ -36,6 +36,10 @@ Variable                    Default            Meaning
 ``TILE_STATS_SIZE``         1024               InstanceNorm statistics of a tiled image come
                                                from a copy downscaled to at most this side
                                                (input pixels; exact when not downscaled).
+``WHOLE_MAX_PIXELS``        auto               An image above TILE_SIZE still runs whole if it
+                                               has at most this many pixels, where whole
+                                               images have a runtime of their own (OpenVINO
+                                               on a CPU); auto = 2048²; 0 = always tile.
 ``PNG_COMPRESS_LEVEL``      1                  zlib level 0-9 for PNG results.
 ``JPEG_QUALITY``            90                 Quality of JPEG results.
 ``WEBP_QUALITY``            90                 Quality of WebP results.
@@ -51,7 +55,7 @@ Variable                    Default            Meaning
                                                jobs' cancel markers are read.
 ``COST_PROBE_SIDE``         256                Output side of the warm-up pass that
                                                measures a model's seconds per megapixel.
-``COST_PROBE_TILED_SCALE``  1.5                The same for tiled images: an input this many
+``COST_PROBE_TILED_SCALE``  1.25               The same for tiled images: an input this many
                                                times the tiling threshold; 0 = learn it from
                                                jobs only.
 ``METRICS_PORT``            9100               Prometheus endpoint of the worker; 0 = none.
@@ -125,6 +129,7 @@ class WorkerSettings(QueueSettings):
     tile_size: int = Field(1024, ge=32)
     tile_overlap: int | Literal["auto"] = "auto"
     tile_stats_size: int = Field(1024, ge=32)
+    whole_max_pixels: int | Literal["auto"] = "auto"
     png_compress_level: int = Field(1, ge=0, le=9)
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(90, ge=1, le=100)
@@ -132,7 +137,7 @@ class WorkerSettings(QueueSettings):
     worker_id: str = Field(default_factory=_default_worker_id, pattern=r"^[A-Za-z0-9_.:\-]+$")
     stop_check_interval_s: float = Field(0.2, gt=0, le=10)
     cost_probe_side: int = Field(256, ge=32, le=4096)
-    cost_probe_tiled_scale: float = Field(1.5, ge=0, le=8)
+    cost_probe_tiled_scale: float = Field(1.25, ge=0, le=8)
     """The tiled probe's input side as a multiple of the tiling threshold (0: learn the tiled
     cost from jobs only; on a 2-core CPU the default probe takes ~7 s per style or SR net)."""
     metrics_port: int = Field(9100, ge=0, le=65535)
@@ -145,7 +150,7 @@ class WorkerSettings(QueueSettings):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
-    @field_validator("tile_overlap", "max_batch_pixels", mode="before")
+    @field_validator("tile_overlap", "max_batch_pixels", "whole_max_pixels", mode="before")
     @classmethod
     def _int_or_auto(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() != "auto":
@@ -158,4 +163,6 @@ class WorkerSettings(QueueSettings):
             raise ValueError("TILE_OVERLAP must be >= 0 or 'auto'")
         if isinstance(self.max_batch_pixels, int) and self.max_batch_pixels < 1:
             raise ValueError("MAX_BATCH_PIXELS must be >= 1 or 'auto'")
+        if isinstance(self.whole_max_pixels, int) and self.whole_max_pixels < 0:
+            raise ValueError("WHOLE_MAX_PIXELS must be >= 0 or 'auto'")
         return self
