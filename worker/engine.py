@@ -374,10 +374,10 @@ class Engine:
     def _faster_precision(self, model: LoadedModel) -> Precision:
         """Time reduced precision against fp32 on this CPU and keep the faster.
 
-        Native bf16 does not mean fast bf16: on the Zen 5 development machine OpenVINO's bf16
-        kernels run the style net 2.2x faster than its f32, but on an Intel Xeon whose VM hides
-        AMX they were slower (323 vs 219 ms at 512 px), and the worker served bf16 there
-        because it passed the quality gate. The probe is one photo at ``SPEED_PROBE_SIDE`` px
+        Native bf16 does not mean fast bf16: on a 2-core Zen 4 OpenVINO's bf16 kernels ran the
+        style net 2.2x faster than its f32 (52 vs 114 ms at 384 px), but on an Intel Xeon whose
+        VM hides AMX they were slower (323 vs 219 ms at 512 px), and the worker served bf16
+        there because it passed the quality gate. The probe is one photo at ``SPEED_PROBE_SIDE`` px
         on the whole-image path that most requests take, after a warm-up pass (OpenVINO
         compiles per shape); reduced precision must win by ``MIN_REDUCED_SPEEDUP``."""
         photo = torch.from_numpy(np.asarray(Image.open(CALIBRATION_IMAGE).convert("RGB")).copy())
