@@ -541,6 +541,44 @@ def test_openvino_precision_is_calibrated_against_pytorch_fp32(tiny_zoo: Path) -
     assert psnr(out.pixels, reference(tiny_zoo, "tiny_style", pixels)) >= 40
 
 
+@pytest.mark.parametrize("name", ["tiny_style", "tiny_multi"])
+def test_openvino_runs_tiles_with_borrowed_statistics(tiny_zoo: Path, name: str) -> None:
+    """Tiles of a large image run in OpenVINO's frozen-statistics export and still form the
+    image the whole pass gives (PyTorch fp32 is the reference)."""
+    add_tiny_multistyle(tiny_zoo)
+    controls = StyleControls(slots=((2, 1.0),), identity=0) if name == "tiny_multi" else None
+    pixels = image(150, 190, seed=11)
+    request = (name, pixels) if controls is None else (name, pixels, controls)
+    engine = Engine(
+        zoo_dir=tiny_zoo,
+        precision="fp32",
+        cpu_runtime="openvino",
+        tile_size=96,
+        tile_stats_size=4096,
+        whole_max_pixels=0,
+    )
+    model = engine.model(name)
+    assert model.executor is not None and model.executor.takes_frozen_stats
+    plan = engine._tile_plan(model, 152, 192)
+    assert plan is not None and len(plan.tiles) >= 4
+    before = model.executor.passes["frozen"]
+    (tiles,) = engine.run([request])
+    assert tiles.tiled
+    assert model.executor.passes["frozen"] - before >= 1  # the tiles did not fall back
+    whole = Engine(zoo_dir=tiny_zoo, precision="fp32", cpu_runtime="torch", tile_size=4096)
+    (expected,) = whole.run([request])
+    assert max_diff(tiles.pixels, expected.pixels) <= 1
+    # Statistics are inputs, not constants of the export: wrong ones change the picture.
+    padded = pad_to_stride(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, 4)
+    _, stats = engine._forward(model, [padded], [None], want_stats=True, runtime="torch")
+    assert stats is not None
+    shifted = [[(mean + 0.5, var * 2) for mean, var in stats[0]]]
+    rows = [model.style_rows()[-1]]
+    (own,), _ = engine._forward(model, [padded], [stats[0]], styles=rows)
+    (off,), _ = engine._forward(model, [padded], shifted, styles=rows)
+    assert float((own - off).abs().max()) > 0.05
+
+
 def test_should_stop_drops_a_request_between_passes_and_spares_the_others(
     tiny_zoo: Path,
 ) -> None:

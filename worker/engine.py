@@ -73,9 +73,10 @@ SPEED_PROBE_RUNS = 3
 CPU_OPENVINO_WHOLE_MAX_PIXELS = 2048 * 2048
 """``WHOLE_MAX_PIXELS=auto``: images up to this many pixels run whole in OpenVINO, not as tiles.
 
-Tiles run in PyTorch with borrowed statistics, a statistics pass and overlap; on the 2-core
-Zen 4 the style net took 2.0-2.2 s per megapixel tiled (1536-2048 px) and 0.42 whole in
-OpenVINO, which also needs no approximation. 2048² whole peaked ~0.5 GB above the loaded
+Tiles need a statistics pass (PyTorch, on a copy of at most ``TILE_STATS_SIZE``) and overlap:
+on the 2-core Zen 4 the style net took 2.0-2.2 s per megapixel as PyTorch tiles (1536-2048 px)
+and 0.42 whole in OpenVINO, which also needs no approximation; OpenVINO tiles (session 8,
+Zen 5, one thread) still cost 1.4-1.8 s against 0.5 whole (``python -m bench tiles``). 2048² whole peaked ~0.5 GB above the loaded
 worker (3000² ~2 GB), inside the CPU worker's 4 GiB limit (``deploy/k8s/cpu``). The price is
 preemption: a small job waits for one whole pass (1.8 s at 2048² there) instead of one tile."""
 MIN_REDUCED_SPEEDUP = 1.1
@@ -337,7 +338,8 @@ class Engine:
         rounding, so a grey probe read 25 dB where photos read ~50 dB on the same trained net.
         The probes are therefore real photos (``CALIBRATION_IMAGES``), every style slot of a
         multi-style net is probed, and the worst PSNR decides, measured on the uint8 outputs a
-        caller would get against PyTorch fp32.
+        caller would get against PyTorch fp32. Where OpenVINO runs tiles too, its
+        frozen-statistics export is probed as well, given the statistics PyTorch measured.
         """
         if self.precision == "fp32" and model.executor is None:
             return "fp32"
@@ -351,11 +353,17 @@ class Engine:
             for style in model.style_rows():
                 styles = [None if style is None else style.to(self.device)]
                 model.precision = "fp32"
-                reference = self._forward(model, [probe], [None], styles=styles, runtime="torch")
+                frozen_too = model.needs_stats and model.executor is not None
+                reference, stats = self._forward(
+                    model, [probe], [None], want_stats=frozen_too, styles=styles, runtime="torch"
+                )
                 model.precision = self.precision
-                reduced = self._forward(model, [probe], [None], styles=styles)
-                error = ((reference[0][0].clamp(0, 1) - reduced[0][0].clamp(0, 1)) * 255).round()
-                worst_mse = max(worst_mse, float(error.pow(2).mean()))
+                served = [self._forward(model, [probe], [None], styles=styles)[0]]
+                if stats is not None:  # the tiles' path: the same image, statistics given
+                    served.append(self._forward(model, [probe], [stats[0]], styles=styles)[0])
+                for reduced in served:
+                    error = ((reference[0].clamp(0, 1) - reduced[0].clamp(0, 1)) * 255).round()
+                    worst_mse = max(worst_mse, float(error.pow(2).mean()))
         mse = worst_mse
         model.calibration_psnr_db = float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
         if model.calibration_psnr_db < self.min_psnr_db:
@@ -459,14 +467,17 @@ class Engine:
         canvas_h, canvas_w = max(heights), max(widths)
         f = model.factor
         uniform = all(h == canvas_h for h in heights) and all(w == canvas_w for w in widths)
+        borrowed = all(fr is not None for fr in frozen)
         if (
             model.executor is not None
             and runtime != "torch"
             and uniform
             and not want_stats
-            and all(fr is None for fr in frozen)
+            and (all(fr is None for fr in frozen) or borrowed)
+            and (not borrowed or model.executor.takes_frozen_stats)
         ):
-            # Straight to OpenVINO in NCHW: no canvas copy, no channels_last reorder.
+            # Straight to OpenVINO in NCHW: no canvas copy, no channels_last reorder. Tiles
+            # (all with borrowed statistics) take the executor's frozen-statistics export.
             rows = None
             if model.num_styles is not None:
                 rows = torch.cat(
@@ -477,7 +488,9 @@ class Engine:
                 )
             canvas = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
             precision = "bf16" if model.precision in ("bf16", "fp16") else "f32"
-            out = model.executor(canvas, rows, precision)
+            out = model.executor(
+                canvas, rows, precision, frozen=[fr for fr in frozen if fr is not None] or None
+            )
             return [out[i, :, : h * f, : w * f] for i, (h, w) in enumerate(sizes)], None
         if uniform:
             canvas = torch.cat(tensors)

@@ -243,6 +243,19 @@ _LOCAL_LEAVES = (
 )
 
 
+def per_image_norms(net: nn.Module) -> list[tuple[nn.Module, str, nn.InstanceNorm2d]]:
+    """Every InstanceNorm that normalises with each image's own statistics, as (parent, attribute,
+    layer), in the order that indexes ``Stats``: other runtimes that take frozen statistics
+    (``worker.openvino_runtime``) must number the layers the same way."""
+    return [
+        (parent, name, child)
+        for parent in list(net.modules())
+        for name, child in list(parent.named_children())
+        if isinstance(child, nn.InstanceNorm2d)
+        and not (child.track_running_stats and child.running_mean is not None)
+    ]
+
+
 def make_ragged(net: nn.Module) -> RaggedNet:
     """Rewrite ``net`` in place (see the module docstring); raises ``RaggedUnsupportedError``
     when a layer's padded behaviour is unknown, in which case the caller batches equal sizes
@@ -255,15 +268,13 @@ def make_ragged(net: nn.Module) -> RaggedNet:
             raise RaggedUnsupportedError(f"conv with {module.padding_mode} padding")
         if isinstance(module, nn.BatchNorm2d) and module.training:
             raise RaggedUnsupportedError("BatchNorm in training mode")
+    for parent, name, child in per_image_norms(net):
+        setattr(parent, name, RaggedInstanceNorm2d(child, context, norms))
+        norms += 1
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.ReflectionPad2d):
                 setattr(parent, name, RaggedReflectionPad2d(child, context))
-            elif isinstance(child, nn.InstanceNorm2d) and not (
-                child.track_running_stats and child.running_mean is not None
-            ):
-                setattr(parent, name, RaggedInstanceNorm2d(child, context, norms))
-                norms += 1
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             if any(int(p) for p in module.padding):  # type: ignore[union-attr]
