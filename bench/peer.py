@@ -24,13 +24,14 @@ It prints, per size, both medians, the ratio of medians and the median of per-pa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.report import write_result
 
 DEFAULT_SIZES = (256, 512, 1024)
 
@@ -162,7 +163,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     result = run(args)
-    out = Path(args.out)
-    (out / "peer.json").write_text(json.dumps(result, indent=1))
-    (out / "peer.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(Path(args.out), "peer", result, markdown(result))

@@ -39,6 +39,14 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def write_result(out: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """``name.json`` (the whole result) and ``name.md`` (its table) into ``out``; prints the
+    table: what every single-table benchmark leaves behind."""
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     """A table cell: numbers rounded, NaN/None as an em dash-free '-'."""
     if value is None:

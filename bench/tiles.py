@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import machine_info, markdown_table
+from bench.report import machine_info, markdown_table, write_result
 
 DEFAULT_SIDES = (1536, 2048)
 
@@ -116,7 +116,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     result = run(args)
-    out = Path(args.out)
-    (out / "tiles.json").write_text(json.dumps(result, indent=1))
-    (out / "tiles.md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(Path(args.out), "tiles", result, markdown(result))

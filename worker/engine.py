@@ -76,9 +76,10 @@ CPU_OPENVINO_WHOLE_MAX_PIXELS = 2048 * 2048
 Tiles need a statistics pass (PyTorch, on a copy of at most ``TILE_STATS_SIZE``) and overlap:
 on the 2-core Zen 4 the style net took 2.0-2.2 s per megapixel as PyTorch tiles (1536-2048 px)
 and 0.42 whole in OpenVINO, which also needs no approximation; OpenVINO tiles (session 8,
-Zen 5, one thread) still cost 1.4-1.8 s against 0.5 whole (``python -m bench tiles``). 2048² whole peaked ~0.5 GB above the loaded
-worker (3000² ~2 GB), inside the CPU worker's 4 GiB limit (``deploy/k8s/cpu``). The price is
-preemption: a small job waits for one whole pass (1.8 s at 2048² there) instead of one tile."""
+Zen 5, one thread) still cost 1.4-1.8 s against 0.5 whole (``python -m bench tiles``). 2048²
+whole peaked ~0.5 GB above the loaded worker (3000² ~2 GB), inside the CPU worker's 4 GiB limit
+(``deploy/k8s/cpu``). The price is preemption: a small job waits for one whole pass (1.8 s at
+2048² there) instead of one tile."""
 MIN_REDUCED_SPEEDUP = 1.1
 """Reduced precision must be this much faster than fp32 to be served: at equal speed fp32 is
 the better output, and a smaller margin would flip with timing noise."""
