@@ -123,10 +123,9 @@ def save_model(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             **entry_fields,
         )
+        # New weights start with no metrics: what was measured on the entry they replace (its
+        # evaluation, its fp16 storage record) describes other weights.
         manifest = read_manifest(folder)
-        if entry.metrics == {} and name in manifest.names():
-            previous = manifest.get(name)
-            entry.metrics = previous.metrics if entry.arch == previous.arch else {}
         manifest.upsert(entry)
         manifest = Manifest.model_validate(manifest.model_dump())
     except Exception:

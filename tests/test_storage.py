@@ -52,6 +52,29 @@ def test_half_storage_halves_the_file_and_loads_as_fp32(tiny_zoo: Path) -> None:
         assert sha256_file(path) == stored.sha256
 
 
+def test_retrained_weights_are_stored_again_whatever_the_old_record_says(tiny_zoo: Path) -> None:
+    """A new export of a model that was stored in fp16 is fp32 and carries no storage record;
+    and a record that outlived its weights (fp32 on disk) does not stop a new rounding."""
+    store_half("x4", tiny_zoo)
+    net, entry = load_model("x4", root=tiny_zoo)
+    old = read_manifest(tiny_zoo).get("x4").metrics["storage"]
+    fields = entry.model_dump(include={"factor", "loss", "description", "training"})
+    save_model(net, name="x4", kind="sr", arch=entry.arch, root=tiny_zoo, **fields)
+    fresh = read_manifest(tiny_zoo).get("x4")
+    assert "storage" not in fresh.metrics
+    assert _dtypes(tiny_zoo / fresh.weights) == {torch.float32, torch.int64}
+    # A stale record (as a manifest edited by hand, or written before this rule) is checked
+    # against the file, not trusted.
+    from model_zoo.manifest import write_manifest
+
+    manifest = read_manifest(tiny_zoo)
+    manifest.get("x4").metrics["storage"] = old
+    write_manifest(manifest, tiny_zoo)
+    record = store_half("x4", tiny_zoo)
+    assert record["fp32_sha256"] == fresh.sha256 != old["fp32_sha256"]
+    assert _dtypes(tiny_zoo / fresh.weights) <= {torch.float16, torch.int64}
+
+
 def test_rounding_that_changes_the_output_is_refused(tiny_zoo: Path) -> None:
     """Weights far below fp16's resolution: instance norm divides their scale out, so in fp32
     they work, but in fp16 they round to a handful of subnormal steps and the output changes."""

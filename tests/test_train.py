@@ -478,8 +478,12 @@ def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
     shipped = make_tiny_zoo(tmp_path / "shipped")
     argv = ["--from", str(tmp_path / "zoo"), "--model", "multi", "--to", str(shipped)]
     assert promote([*argv, "--retire", "nope"]) == 2
+    assert promote([*argv, "--retire", "tiny_style"]) == 2  # no description: refused
+    assert "tiny_style" in read_manifest(shipped).names()  # and nothing changed
+    argv += ["--description", "three styles, one net"]
     assert promote([*argv, "--private", "blues", "--retire", "tiny_style"]) == 0
     manifest = read_manifest(shipped)
+    assert manifest.get("multi").description == "three styles, one net"
     assert "tiny_style" not in manifest.names() and "multi" in manifest.names()
     assert not (shipped / "weights" / "tiny_style.safetensors").exists()
     assert set(manifest.styles()) == {"mosaic", "reds"}  # blues is private

@@ -11,7 +11,7 @@ metrics: ``strength`` uses the slot only if it gives the photo back
 (``model_zoo.manifest.ModelEntry.strength_identity_index``).
 
     python -m training.promote --from runs/zoo-ms --model multistyle \\
-        --retire mosaic candy --private udnie
+        --retire mosaic candy --private udnie --description "..."
 """
 
 from __future__ import annotations
@@ -68,13 +68,21 @@ def promote(
     *,
     private: list[str] | None = None,
     retire: list[str] | None = None,
+    description: str | None = None,
 ) -> ModelEntry:
-    """Copy ``name`` from the zoo ``source`` into ``target`` (see the module docstring)."""
+    """Copy ``name`` from the zoo ``source`` into ``target`` (see the module docstring).
+
+    ``description`` (what the model is, for the zoo's readers) replaces the run's; a model
+    without one is refused: the trainer cannot know it, and a shipped entry must say it."""
     src = read_manifest(source)
     try:
         entry = src.get(name).model_copy(deep=True)
     except KeyError:
         raise ModelNotFoundError(name, src.names()) from None
+    if description is not None:
+        entry.description = description.strip()
+    if not entry.description:
+        raise ValueError(f"{name} has no description: pass --description")
     weights = source / entry.weights
     if sha256_file(weights) != entry.sha256:
         raise ValueError(f"{weights} does not match its manifest's sha256")
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", dest="target", type=Path, default=None, help="default: ours")
     parser.add_argument("--private", nargs="*", default=[], help="slots not to offer")
     parser.add_argument("--retire", nargs="*", default=[], help="models to remove")
+    parser.add_argument(
+        "--description", default=None, help="what the model is (required if the run has none)"
+    )
     args = parser.parse_args(argv)
     try:
         entry = promote(
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             zoo_dir(args.target),
             private=args.private,
             retire=args.retire,
+            description=args.description,
         )
     except (ValueError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

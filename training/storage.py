@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -113,6 +114,13 @@ def _db(value: float) -> float | str:
     return round(value, 2) if math.isfinite(value) else "inf"
 
 
+def _stored_half(path: Path) -> bool:
+    """The file really holds fp16 floats (a record alone may have outlived its weights)."""
+    with safe_open(str(path), "pt") as weights:
+        dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}  # noqa: SIM118
+    return "F32" not in dtypes and "F16" in dtypes
+
+
 def store_half(
     name: str,
     root: str | os.PathLike[str] | None = None,
@@ -128,7 +136,7 @@ def store_half(
     folder = zoo_dir(root)
     net, entry = load_model(name, root=folder)
     path = folder / entry.weights
-    if entry.metrics.get("storage", {}).get("dtype") == "fp16":
+    if entry.metrics.get("storage", {}).get("dtype") == "fp16" and _stored_half(path):
         return dict(entry.metrics["storage"])
     half = half_state_dict(net)
     candidate = build_net(entry.arch)
