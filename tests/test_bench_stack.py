@@ -13,6 +13,13 @@ from bench.__main__ import main as bench_main
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def no_tiled_cost_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's workers inherit the environment; their tiled cost probe (~6 s per model on
+    a 2-core CPU, tested in test_serving_limits) measures nothing these benchmarks report."""
+    monkeypatch.setenv("COST_PROBE_TILED_SCALE", "0")
+
+
 def test_batching_compares_max_batch_1_with_dynamic(tmp_path: Path) -> None:
     rc = bench_main(
         ["batching", "--tiny", "--size", "32", "--mixed-sizes", "24,32,40x24",

@@ -49,6 +49,8 @@ WORKER_ENV = {
     "HEARTBEAT_INTERVAL_S": "0.5",
     "CLAIM_IDLE_MS": "5000",
     "LOG_LEVEL": "INFO",
+    # The tiled cost probe (~6 s per model on a 2-core CPU) is tested in test_serving_limits.
+    "COST_PROBE_TILED_SCALE": "0",
 }
 
 

@@ -72,6 +72,7 @@ LAUNCH_ENV = {
     "MAX_WAIT_MS": "5",
     "HEARTBEAT_INTERVAL_S": "0.5",
     "WORKER_MODELS": f"{STYLE},x4",
+    "COST_PROBE_TILED_SCALE": "0",  # tested in test_serving_limits; ~6 s per model here
 }
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 120.0

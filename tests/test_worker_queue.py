@@ -116,6 +116,8 @@ def run_worker(
         "MAX_WAIT_MS": "20",
         "PRECISION": "fp32",
         "LOG_LEVEL": "INFO",
+        # The tiled cost probe (~6 s per model on a 2-core CPU) is tested in test_serving_limits.
+        "COST_PROBE_TILED_SCALE": "0",
         **{k: str(v) for k, v in env.items()},
     }
     log = tmp_path / f"{worker_id}.log"

@@ -342,7 +342,15 @@ class Engine:
         caller would get against PyTorch fp32. Where OpenVINO runs tiles too, its
         frozen-statistics export is probed as well, given the statistics PyTorch measured.
         """
-        if self.precision == "fp32" and model.executor is None:
+        requested = self.precision
+        if model.executor is not None and requested != "fp32" and not openvino_runtime.runs_bf16():
+            log.info(
+                "model %s: OpenVINO has no %s kernels on this CPU (it would run f32); serving fp32",
+                model.name,
+                requested,
+            )
+            requested = "fp32"
+        if requested == "fp32" and model.executor is None:
             return "fp32"
         worst_mse = 0.0
         for path in CALIBRATION_IMAGES:
@@ -358,7 +366,7 @@ class Engine:
                 reference, stats = self._forward(
                     model, [probe], [None], want_stats=frozen_too, styles=styles, runtime="torch"
                 )
-                model.precision = self.precision
+                model.precision = requested
                 served = [self._forward(model, [probe], [None], styles=styles)[0]]
                 if stats is not None:  # the tiles' path: the same image, statistics given
                     served.append(self._forward(model, [probe], [stats[0]], styles=styles)[0])
@@ -371,14 +379,14 @@ class Engine:
             log.warning(
                 "model %s: %s output is %.1f dB from fp32 (< MIN_PSNR_DB=%.1f); serving it in fp32",
                 model.name,
-                self.precision,
+                requested,
                 model.calibration_psnr_db,
                 self.min_psnr_db,
             )
             return "fp32"
-        if self.choose_by_speed and self.precision != "fp32":
+        if self.choose_by_speed and requested != "fp32":
             return self._faster_precision(model)
-        return self.precision
+        return requested
 
     def _faster_precision(self, model: LoadedModel) -> Precision:
         """Time reduced precision against fp32 on this CPU and keep the faster.

@@ -50,6 +50,15 @@ def available() -> bool:
     return True
 
 
+def runs_bf16() -> bool:
+    """Whether OpenVINO has bf16 kernels on this CPU. Where it has none (AVX2-only CPUs) it
+    ignores a bf16 precision hint and runs f32, so a bf16 request would be served, and
+    reported, as something it is not."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class _StyleCore(nn.Module):
     """The net without its own stride padding and cropping (the engine pads every input to
     the stride already), with the style rows as an explicit input for multi-style nets."""
