@@ -47,11 +47,13 @@ def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None
     else:
         assert training["factor"] == entry.factor and training["loss"] == entry.loss
     # Every model records the runs behind its weights (model_zoo.manifest.lineage_of): none for
-    # one trained from scratch, the parent's chain for a fine-tune.
+    # one trained from scratch, the parent's chain for a fine-tune or an add-style run (its
+    # --base is its parent).
     lineage = training["lineage"]
-    assert bool(lineage) == bool(training.get("init_from"))
+    parent = training.get("init_from") or training.get("base")
+    assert bool(lineage) == bool(parent)
     if lineage:
-        assert lineage[-1]["name"] == training["init_from"]
+        assert lineage[-1]["name"] == parent
         assert all(run["iterations"] > 0 and run["hardware"] for run in lineage)
     total = entry.iterations + sum(run["iterations"] for run in lineage)
     assert training["total_iterations"] == total
