@@ -416,6 +416,37 @@ def test_add_style_trains_only_the_new_slot(photo_dir: Path, tmp_path: Path) -> 
     assert entry.training["total_iterations"] == 2 + 3
 
 
+def test_add_style_with_a_style_the_net_has_retrains_only_that_row(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """How the shipped candy slot was retuned: add-style given a style already in the net,
+    with the same image, trains that slot's scale and shift and nothing else."""
+    zoo = tmp_path / "zoo"
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "2"))
+    before, base = load_model("multi", root=zoo)
+    argv = _multi_args(photo_dir, tmp_path, "multi", "--iterations", "3")
+    at = argv.index("--style-images")
+    del argv[at + 1]  # reds: only blues (row 2) is named
+    argv[0] = "add-style"
+    at = argv.index("--channels")
+    del argv[at : at + 6]
+    run([*argv, "--base", "multi", "--lr", "0.05"])
+    after, entry = load_model("multi", root=zoo)
+    assert [s.name for s in entry.styles] == ["identity", "reds", "blues"]
+    old, new = before.state_dict(), after.state_dict()
+    tables = 0
+    for key, value in old.items():
+        assert new[key].shape == value.shape, key  # no row added
+        if value.ndim == 2 and value.shape[0] == 3:  # a conditional table: S x C
+            tables += 1
+            torch.testing.assert_close(new[key][:2], value[:2], msg=key)  # identity, reds
+            assert (new[key][2] - value[2]).abs().max() > 1e-6, key  # blues trained
+        else:
+            torch.testing.assert_close(new[key], value, msg=key)  # every conv untouched
+    assert tables > 0
+    assert entry.training["lineage"][-1]["sha256"] == base.sha256
+
+
 def test_a_resumed_run_may_regroup_its_parameters(tmp_path: Path) -> None:
     """Adam's state is stored by parameter name: a run resumed with another learning rate for
     some parameters (a second group) continues each parameter's moments, also from a
