@@ -26,6 +26,10 @@ from model_zoo.registry import save_model
 # Tests share two cores with whatever else runs; more threads than that only adds contention.
 torch.set_num_threads(2)
 
+NO_TILED_COST_PROBE = {"COST_PROBE_TILED_SCALE": "0"}
+"""For workers started by tests that do not look at costs: the tiled cost probe takes ~6 s per
+model on a 2-core CPU at start-up (~18 s a worker); ``test_serving_limits`` tests it."""
+
 TINY_STYLE = StyleNetConfig(base_channels=8, num_residual=1)
 TINY_SR = {
     4: SRNetConfig(factor=4, channels=8, num_residual=1),

@@ -10,14 +10,17 @@ import pytest
 
 from bench.__main__ import main as bench_main
 
+from .conftest import NO_TILED_COST_PROBE
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
 def no_tiled_cost_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bench's workers inherit the environment; their tiled cost probe (~6 s per model on
-    a 2-core CPU, tested in test_serving_limits) measures nothing these benchmarks report."""
-    monkeypatch.setenv("COST_PROBE_TILED_SCALE", "0")
+    """The bench's workers inherit the environment; the tiled cost probe measures nothing
+    these benchmarks report."""
+    for key, value in NO_TILED_COST_PROBE.items():
+        monkeypatch.setenv(key, value)
 
 
 def test_batching_compares_max_batch_1_with_dynamic(tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ from model_zoo.reference import run_model
 from model_zoo.registry import load_model
 from service.launch import Child, free_port, http_status, start_api, start_worker, wait_http
 
+from .conftest import NO_TILED_COST_PROBE
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +51,7 @@ WORKER_ENV = {
     "HEARTBEAT_INTERVAL_S": "0.5",
     "CLAIM_IDLE_MS": "5000",
     "LOG_LEVEL": "INFO",
-    # The tiled cost probe (~6 s per model on a 2-core CPU) is tested in test_serving_limits.
-    "COST_PROBE_TILED_SCALE": "0",
+    **NO_TILED_COST_PROBE,
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model_zoo.manifest import read_manifest
+from model_zoo.manifest import read_manifest, write_manifest
 from model_zoo.nets import ConditionalInstanceNorm2d
 from model_zoo.registry import load_model, save_model, sha256_file
 from training.storage import StorageRefused, main, store_half
@@ -65,8 +65,6 @@ def test_retrained_weights_are_stored_again_whatever_the_old_record_says(tiny_zo
     assert _dtypes(tiny_zoo / fresh.weights) == {torch.float32, torch.int64}
     # A stale record (as a manifest edited by hand, or written before this rule) is checked
     # against the file, not trusted.
-    from model_zoo.manifest import write_manifest
-
     manifest = read_manifest(tiny_zoo)
     manifest.get("x4").metrics["storage"] = old
     write_manifest(manifest, tiny_zoo)

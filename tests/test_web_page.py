@@ -45,6 +45,8 @@ from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
 from model_zoo.reference import run_model
 from service.launch import free_port, start_api, wait_http
 
+from .conftest import NO_TILED_COST_PROBE
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +74,7 @@ LAUNCH_ENV = {
     "MAX_WAIT_MS": "5",
     "HEARTBEAT_INTERVAL_S": "0.5",
     "WORKER_MODELS": f"{STYLE},x4",
-    "COST_PROBE_TILED_SCALE": "0",  # tested in test_serving_limits; ~6 s per model here
+    **NO_TILED_COST_PROBE,
 }
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 120.0

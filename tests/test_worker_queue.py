@@ -28,6 +28,8 @@ from worker.engine import Engine
 from worker.main import Worker
 from worker.settings import WorkerSettings
 
+from .conftest import NO_TILED_COST_PROBE
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90  # importing torch on a busy 2-core machine can take a while
 
@@ -116,8 +118,7 @@ def run_worker(
         "MAX_WAIT_MS": "20",
         "PRECISION": "fp32",
         "LOG_LEVEL": "INFO",
-        # The tiled cost probe (~6 s per model on a 2-core CPU) is tested in test_serving_limits.
-        "COST_PROBE_TILED_SCALE": "0",
+        **NO_TILED_COST_PROBE,
         **{k: str(v) for k, v in env.items()},
     }
     log = tmp_path / f"{worker_id}.log"

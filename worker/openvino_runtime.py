@@ -23,6 +23,7 @@ width), read by OpenVINO and compiled for each precision asked for on first use 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import tempfile
 import warnings
@@ -50,10 +51,11 @@ def available() -> bool:
     return True
 
 
+@functools.cache
 def runs_bf16() -> bool:
     """Whether OpenVINO has bf16 kernels on this CPU. Where it has none (AVX2-only CPUs) it
     ignores a bf16 precision hint and runs f32, so a bf16 request would be served, and
-    reported, as something it is not."""
+    reported, as something it is not. Asked once per process: the CPU does not change."""
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
