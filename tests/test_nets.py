@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo.config import SRNetConfig, StyleNetConfig
+from model_zoo.config import MultiStyleNetConfig, SRNetConfig, StyleNetConfig
 from model_zoo.hardware import auto_precision
-from model_zoo.nets import SRNet, StyleNet, build_net, count_parameters
+from model_zoo.nets import MultiStyleNet, SRNet, StyleNet, build_net, count_parameters
 
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 7), (17, 33), (64, 48), (31, 30)])
@@ -95,3 +95,20 @@ def test_style_net_output_depends_on_input() -> None:
     with torch.no_grad():
         a, b = net(torch.rand(1, 3, 32, 32)), net(torch.rand(1, 3, 32, 32))
     assert not torch.allclose(a, b)
+
+
+def test_multistyle_decoder_widths_follow_the_config() -> None:
+    """A narrower decoder (the distilled net's) changes the upsampling convs' widths and keeps
+    the output size exact; without ``decoder_channels`` the decoder mirrors the encoder."""
+    mirrored = MultiStyleNet(MultiStyleNetConfig(num_styles=2, channels=(8, 16, 16)))
+    assert [m.conv.conv.out_channels for m in mirrored.decoder] == [16, 8, 3]
+    config = MultiStyleNetConfig(
+        num_styles=2, channels=(8, 16, 16), outer_kernel=5, decoder_channels=(8, 4)
+    )
+    narrow = build_net(MultiStyleNetConfig.model_validate_json(config.model_dump_json()))
+    assert isinstance(narrow, MultiStyleNet)
+    assert [m.conv.conv.out_channels for m in narrow.decoder] == [8, 4, 3]
+    assert count_parameters(narrow) < count_parameters(mirrored)
+    with torch.no_grad():
+        out = narrow(torch.rand(2, 3, 37, 29), torch.eye(2))
+    assert out.shape == (2, 3, 37, 29)

@@ -38,19 +38,22 @@ def test_shipped_model_loads_and_records_its_training(entry: ModelEntry) -> None
     assert out.min() >= 0 and out.max() <= 1
     training = entry.training
     if entry.kind == "style":
-        # A multi-style net (e.g. from the GPU campaign) records one image per slot.
-        images = [i.partition("=")[2] for i in training.get("style_images", [])]
+        # A multi-style net records one image per slot (a distilled one its teacher's).
+        images = [s.style_image for s in entry.styles if s.style_image]
         for image in images or [training["style_image"]]:
             assert Path(image).stem not in RESTRICTED_STYLES
-        for key in ("content_weight", "style_weight", "tv_weight", "image_size", "batch_size"):
+        keys = ["image_size", "batch_size"]
+        if entry.loss != "distilled":  # its loss is the pixel error to the teacher
+            keys += ["content_weight", "style_weight", "tv_weight"]
+        for key in keys:
             assert training[key] > 0, key
     else:
         assert training["factor"] == entry.factor and training["loss"] == entry.loss
     # Every model records the runs behind its weights (model_zoo.manifest.lineage_of): none for
-    # one trained from scratch, the parent's chain for a fine-tune or an add-style run (its
-    # --base is its parent).
+    # one trained from scratch, the parent's chain for a fine-tune, an add-style run (its
+    # --base is its parent) or a distilled net (its --teacher).
     lineage = training["lineage"]
-    parent = training.get("init_from") or training.get("base")
+    parent = training.get("init_from") or training.get("base") or training.get("teacher")
     assert bool(lineage) == bool(parent)
     if lineage:
         assert lineage[-1]["name"] == parent

@@ -530,3 +530,70 @@ def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
     assert fidelity["strength"] == "pixel blend"
     choice = resolve_style(manifest, "reds", None)
     assert choice.identity is None and choice.pixel_blend(0.5)
+
+
+def _distill_args(photo_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "distill", "--teacher", "multi", "--teacher-zoo", str(tmp_path / "zoo"),
+        "--name", "multi", "--zoo", str(tmp_path / "student-zoo"), "--data", str(photo_dir),
+        "--channels", "4", "8", "8", "--num-residual", "1", "--outer-kernel", "3",
+        "--decoder-channels", "8", "4", "--image-size", "32", "--batch-size", "3",
+        "--run-dir", str(tmp_path / "student-runs"), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_a_distilled_student_gets_the_teachers_slots_and_learns_its_outputs(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """The cheap-net path: ``distill`` trains a narrower net (its own architecture, the
+    teacher's slots) on the teacher's outputs; the pixel error to the teacher falls, and the
+    entry records the teacher as the parent of its lineage."""
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "2"))
+    teacher, teacher_entry = load_model("multi", root=tmp_path / "zoo")
+    run(_distill_args(photo_dir, tmp_path, "--iterations", "60", "--lr", "0.02"))
+    student, entry = load_model("multi", root=tmp_path / "student-zoo")
+    assert entry.arch.decoder_channels == (8, 4)  # type: ignore[union-attr]
+    assert entry.arch.channels == (4, 8, 8) and entry.loss == "distilled"  # type: ignore[union-attr]
+    assert [(s.name, s.index, s.role) for s in entry.styles] == [
+        (s.name, s.index, s.role) for s in teacher_entry.styles
+    ]
+    assert entry.training["teacher"] == "multi" and "teacher_zoo" not in entry.training
+    assert entry.training["lineage"][-1]["sha256"] == teacher_entry.sha256
+    history = json.loads((tmp_path / "student-runs" / "multi" / "checkpoint.json").read_text())
+    pixel = [h["pixel"] for h in history["history"]]
+    assert np.mean(pixel[-10:]) < 0.8 * np.mean(pixel[:10])
+    # Style slots learn the teacher's output, the identity slot the photo itself.
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        to_teacher = (student(x, student.one_hot(1)) - teacher(x, teacher.one_hot(1))).abs()
+        to_photo = (student(x, student.one_hot(0)) - x).abs()
+    assert float(to_teacher.mean()) < 0.2 and float(to_photo.mean()) < 0.3
+
+
+def test_distillation_targets_are_the_teachers_output_and_the_photo(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """The loss is zero for a student that *is* the teacher on its style slots, and for one
+    that returns the photo on the identity slot, and not otherwise."""
+    from training.cli import build_parser, settings_from_args
+    from training.tasks.distill import DistillTask
+
+    run(_multi_args(photo_dir, tmp_path, "multi", "--iterations", "1"))
+    argv = _distill_args(photo_dir, tmp_path, "--iterations", "1")
+    task = DistillTask(settings_from_args(build_parser().parse_args(argv)))  # type: ignore[arg-type]
+    task.prepare(None, torch.device("cpu"))
+    teacher = task.teacher
+    batch = torch.rand(3, 3, 32, 32)
+
+    def loss_with(net: torch.nn.Module, slots: list[int]) -> float:
+        task._cycle = list(slots)
+        return task.loss(net, batch)[1]["pixel"]
+
+    class Photo(torch.nn.Module):
+        def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            return x
+
+    assert loss_with(teacher, [1, 2, 1]) == 0.0
+    assert loss_with(Photo(), [0, 0, 0]) == 0.0
+    assert loss_with(Photo(), [1, 2, 1]) > 0.01
+    assert loss_with(teacher, [0, 0, 0]) > 1e-3  # the 1-iteration teacher's identity is poor

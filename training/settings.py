@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Run-time switches that say how to run, not what was trained: kept out of the manifest.
-RUNTIME_ONLY = ("extra", "zoo")
+RUNTIME_ONLY = ("extra", "zoo", "teacher_zoo")
 
 
 @dataclass

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from training.tasks.base import TrainingTask
+from training.tasks.distill import DistillTask
 from training.tasks.multistyle import AddStyleTask, MultiStyleSettings, MultiStyleTask
 from training.tasks.sr import SRSettings, SRTask
 from training.tasks.style import StyleSettings, StyleTask
 
 TASKS: dict[str, type[TrainingTask]] = {
-    task.name: task for task in (StyleTask, MultiStyleTask, AddStyleTask, SRTask)
+    task.name: task for task in (StyleTask, MultiStyleTask, AddStyleTask, DistillTask, SRTask)
 }
 
 __all__ = [
     "TASKS",
     "AddStyleTask",
+    "DistillTask",
     "MultiStyleSettings",
     "MultiStyleTask",
     "SRSettings",

@@ -57,6 +57,7 @@ class MultiStyleSettings(TrainSettings):
     channels: tuple[int, int, int] = (16, 32, 64)
     num_residual: int = 5
     outer_kernel: int = 9
+    decoder_channels: tuple[int, int] | None = None
     output: str = "sigmoid"
     saturation_penalty: float = 0.0
     """Weight of ``mean(relu(|logit| - saturation_limit)^2)`` on the pre-squash output: a
@@ -72,6 +73,10 @@ class MultiStyleSettings(TrainSettings):
     iterations all seven slots painted one palette)."""
     base: str | None = None
     """add-style only: the trained multi-style net that gains a slot."""
+    teacher: str | None = None
+    """distill only: the trained multi-style net whose outputs the student learns."""
+    teacher_zoo: str | None = None
+    """distill only: the zoo that holds the teacher (None: the default zoo)."""
 
 
 class MultiStyleTask(TrainingTask[MultiStyleSettings]):
@@ -91,6 +96,13 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         parser.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64])
         parser.add_argument("--num-residual", type=int, default=5)
         parser.add_argument("--outer-kernel", type=int, default=9, choices=[3, 5, 7, 9])
+        parser.add_argument(
+            "--decoder-channels",
+            type=int,
+            nargs=2,
+            default=None,
+            help="widths of the upsampling convs (default: the encoder's mirror)",
+        )
         parser.add_argument("--output", default="sigmoid", choices=["sigmoid", "tanh"])
 
     @classmethod
@@ -135,8 +147,9 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             name, _, value = item.partition("=")
             scales[name] = float(value)
         values["style_scales"] = scales
-        if "channels" in values:
-            values["channels"] = tuple(values["channels"])
+        for key in ("channels", "decoder_channels"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
         return super().settings_from_values(values)
 
     # ------------------------------------------------------------------ slots
@@ -161,6 +174,7 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             channels=s.channels,
             num_residual=s.num_residual,
             outer_kernel=s.outer_kernel,  # type: ignore[arg-type]
+            decoder_channels=s.decoder_channels,
             upsample=s.upsample,  # type: ignore[arg-type]
             output=s.output,  # type: ignore[arg-type]
         )
@@ -318,6 +332,7 @@ class AddStyleTask(MultiStyleTask):
         assert isinstance(base, MultiStyleNetConfig)
         settings.channels, settings.num_residual = base.channels, base.num_residual
         settings.outer_kernel, settings.output = base.outer_kernel, base.output
+        settings.decoder_channels = base.decoder_channels
         settings.identity = any(s.role == "identity" for s in cls(settings)._base()[1].styles)
         return settings
 
