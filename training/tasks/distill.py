@@ -45,31 +45,12 @@ class DistillTask(MultiStyleTask):
             help="zoo holding the teacher (default: $MODEL_ZOO_DIR or the shipped one); the "
             "student goes to --zoo, which must not offer the same style names",
         )
-        parser.add_argument("--channels", type=int, nargs=3, default=[8, 32, 32])
-        parser.add_argument("--num-residual", type=int, default=5)
-        parser.add_argument("--outer-kernel", type=int, default=5, choices=[3, 5, 7, 9])
-        parser.add_argument(
-            "--decoder-channels",
-            type=int,
-            nargs=2,
-            default=[16, 8],
-            help="widths of the half- and full-resolution upsampling convs",
+        cls.add_architecture_arguments(
+            parser, channels=(8, 32, 32), outer_kernel=5, decoder_channels=(16, 8)
         )
-        parser.add_argument("--output", default="sigmoid", choices=["sigmoid", "tanh"])
-        parser.add_argument(
-            "--saturation-penalty",
-            type=float,
-            default=0.0,
-            help="weight of the penalty on pre-squash logits beyond --saturation-limit",
-        )
-        parser.add_argument("--saturation-limit", type=float, default=4.0)
-        parser.add_argument(
-            "--conditional-lr-scale",
-            type=float,
-            default=10.0,
-            help="learning-rate multiplier of the per-style scale/shift tables (each row "
-            "learns only from its share of a batch; at 1 the slots stay alike for ~1,000 steps)",
-        )
+        # Tables at 10x: each row learns only from its share of a batch (at 1 the slots
+        # stayed alike for ~1,000 steps).
+        cls.add_penalty_arguments(parser, conditional_lr_scale=10.0)
 
     @classmethod
     def settings_from_values(cls, values: dict[str, Any]) -> TrainSettings:
@@ -117,10 +98,7 @@ class DistillTask(MultiStyleTask):
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
-        if s.saturation_penalty:
-            self._watch_logits(net)
-        slots = torch.tensor(self.draw_slots(batch.shape[0]), device=batch.device)
-        weights = torch.nn.functional.one_hot(slots, self.num_slots).float()
+        slots, weights = self.next_slots(net, batch)
         with torch.no_grad():
             photo = batch.float()
             target = self.teacher(photo, weights)

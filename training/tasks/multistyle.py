@@ -93,15 +93,27 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             "--no-identity", dest="identity", action="store_false", help="no identity slot"
         )
         parser.add_argument("--identity-weight", type=float, default=1e5)
-        parser.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64])
+        cls.add_architecture_arguments(parser)
+
+    @classmethod
+    def add_architecture_arguments(
+        cls,
+        parser: argparse.ArgumentParser,
+        channels: tuple[int, int, int] = (16, 32, 64),
+        outer_kernel: int = 9,
+        decoder_channels: tuple[int, int] | None = None,
+    ) -> None:
+        """The net's shape (``MultiStyleNetConfig``); a distilled student has other defaults."""
+        parser.add_argument("--channels", type=int, nargs=3, default=list(channels))
         parser.add_argument("--num-residual", type=int, default=5)
-        parser.add_argument("--outer-kernel", type=int, default=9, choices=[3, 5, 7, 9])
+        parser.add_argument("--outer-kernel", type=int, default=outer_kernel, choices=[3, 5, 7, 9])
         parser.add_argument(
             "--decoder-channels",
             type=int,
             nargs=2,
-            default=None,
-            help="widths of the upsampling convs (default: the encoder's mirror)",
+            default=list(decoder_channels) if decoder_channels else None,
+            help="widths of the half- and full-resolution upsampling convs (default: the "
+            "encoder's mirror)",
         )
         parser.add_argument("--output", default="sigmoid", choices=["sigmoid", "tanh"])
 
@@ -126,6 +138,14 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             metavar="NAME=X",
             help="per-style multiplier of --style-weight",
         )
+        cls.add_penalty_arguments(parser)
+
+    @classmethod
+    def add_penalty_arguments(
+        cls, parser: argparse.ArgumentParser, conditional_lr_scale: float = 1.0
+    ) -> None:
+        """The saturation penalty and the tables' learning rate, which every multi-style
+        objective (perceptual or distilled) shares."""
         parser.add_argument(
             "--saturation-penalty",
             type=float,
@@ -136,7 +156,7 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         parser.add_argument(
             "--conditional-lr-scale",
             type=float,
-            default=1.0,
+            default=conditional_lr_scale,
             help="learning-rate multiplier of the per-style scale/shift tables",
         )
 
@@ -230,12 +250,17 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         )
         self._watched = net
 
-    def loss(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        s = self.settings
-        if s.saturation_penalty:
+    def next_slots(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's slots and their one-hot style rows; watches the logits when the
+        saturation penalty is on."""
+        if self.settings.saturation_penalty:
             self._watch_logits(net)
         slots = torch.tensor(self.draw_slots(batch.shape[0]), device=batch.device)
-        weights = torch.nn.functional.one_hot(slots, self.num_slots).float()
+        return slots, torch.nn.functional.one_hot(slots, self.num_slots).float()
+
+    def loss(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        slots, weights = self.next_slots(net, batch)
         output = net(batch, weights)
         out_feats = self.vgg(output)
         with torch.no_grad():
