@@ -90,11 +90,7 @@ class DistillTask(MultiStyleTask):
     def prepare(self, vgg: VGG16Features | None, device: torch.device) -> None:
         teacher, _ = self._teacher()
         self.teacher = teacher.to(device)
-        slots = self.slots()
-        self.num_slots = len(slots)
-        self.is_identity = torch.tensor([s.role == "identity" for s in slots], device=device)
-        self._cycle: list[int] = []
-        self._generator = torch.Generator().manual_seed(self.settings.seed)
+        self.prepare_slots(self.slots(), device)
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
@@ -107,8 +103,7 @@ class DistillTask(MultiStyleTask):
         output = net(batch, weights)
         terms = {"pixel": (output.float() - target).abs().mean()}
         if s.saturation_penalty:
-            excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
-            terms["saturation"] = s.saturation_penalty * excess.pow(2).mean()
+            terms["saturation"] = self.saturation_term()
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}  # type: ignore[return-value]
 

@@ -205,7 +205,6 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         assert vgg is not None
         self.vgg = vgg
         slots = self.slots()
-        self.num_slots = len(slots)
         self.style_slots = [slot.index for slot in slots if slot.role == "style"]
         # Per-slot Gram targets stacked per layer (identity slots get zeros, weight 0).
         grams: dict[str, list[torch.Tensor]] = {k: [] for k in STYLE_LAYERS}
@@ -223,6 +222,11 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
                 weights.append(float(slot.style_weight or 0.0))
         self.grams = {k: torch.cat(v) for k, v in grams.items()}
         self.slot_style_weight = torch.tensor(weights, device=device)
+        self.prepare_slots(slots, device)
+
+    def prepare_slots(self, slots: list[StyleSlot], device: torch.device) -> None:
+        """What drawing slots needs: their count, which are identity, a seeded shuffled cycle."""
+        self.num_slots = len(slots)
         self.is_identity = torch.tensor([s.role == "identity" for s in slots], device=device)
         self._cycle: list[int] = []
         self._generator = torch.Generator().manual_seed(self.settings.seed)
@@ -250,6 +254,13 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         )
         self._watched = net
 
+    def saturation_term(self) -> torch.Tensor:
+        """The weighted penalty on the last forward's pre-squash logits beyond the limit
+        (``next_slots`` watches them)."""
+        s = self.settings
+        excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
+        return s.saturation_penalty * excess.pow(2).mean()
+
     def next_slots(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots and their one-hot style rows; watches the logits when the
         saturation penalty is on."""
@@ -272,8 +283,7 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         identity_mask = self.is_identity[slots]
         terms = {"content": content, "style": style, "tv": s.tv_weight * tv_loss(output)}
         if s.saturation_penalty:
-            excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
-            terms["saturation"] = s.saturation_penalty * excess.pow(2).mean()
+            terms["saturation"] = self.saturation_term()
         if bool(self.is_identity.any()):  # every step logs the same terms
             terms["identity"] = (
                 s.identity_weight
