@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": choice.model,
         "runtime": model.runtime,
         "precision": model.precision,
+        "full_precision_head": model.full_precision_head,
         "calibration_psnr_db": model.calibration_psnr_db,
         "precision_timings_ms": model.precision_timings_ms,
         "threads": torch.get_num_threads(),
@@ -144,7 +145,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Ours: `{result['style']}` ({result['model']}, {result['runtime']}, "
-        f"{result['precision']}, calibration {result['calibration_psnr_db']:.1f} dB vs fp32"
+        f"{result['precision']}"
+        + (
+            f" after {result['full_precision_head']} fp32 layer(s)"
+            if result.get("full_precision_head")
+            else ""
+        )
+        + f", calibration {result['calibration_psnr_db']:.1f} dB vs fp32"
         + "".join(f", {p} {ms:.1f} ms" for p, ms in result["precision_timings_ms"].items())
         + "); "
         f"peer: {result['peer']}; {result['threads']} threads, batch 1, uint8 in and out, "

@@ -298,6 +298,16 @@ class MultiStyleNet(nn.Module):
             ]
         )
 
+    full_precision_head: int = 0
+    """How many leading layers run in float32 under a reduced-precision autocast. Not part of
+    the config: the worker sets it when calibration finds that these weights lose too much in
+    bf16 at the input end (the first conv sees the photo at full resolution, so rounding there
+    is magnified by every layer after it) while the rest of the net rounds harmlessly."""
+
+    def layers(self) -> list[nn.Module]:
+        """Every layer in forward order; each takes ``(x, style_weights)``."""
+        return [*self.encoder, *self.residuals, *self.decoder]
+
     def one_hot(self, index: int | torch.Tensor, batch: int = 1) -> torch.Tensor:
         """Style weights that pick slot ``index`` for every sample."""
         weights = torch.zeros(
@@ -316,9 +326,22 @@ class MultiStyleNet(nn.Module):
                 f"{x.shape[0]} and {self.config.num_styles} styles"
             )
         x = pad_to_valid(x, multiple=4, minimum=8)
-        for layer in [*self.encoder, *self.residuals, *self.decoder]:
-            x = layer(x, style_weights)
+        x = self.run_layers(x, style_weights)
         return _squash(x[..., :height, :width], self.config.output)
+
+    def run_layers(
+        self, x: torch.Tensor, style_weights: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Layers ``start:stop`` (all by default), the first ``full_precision_head`` of them
+        outside any autocast."""
+        layers = self.layers()
+        for index in range(start, len(layers) if stop is None else stop):
+            if index < self.full_precision_head and torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(x.device.type, enabled=False):
+                    x = layers[index](x.float(), style_weights)
+            else:
+                x = layers[index](x, style_weights)
+        return x
 
 
 def build_net(config: ArchConfig) -> nn.Module:

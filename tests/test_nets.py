@@ -112,3 +112,31 @@ def test_multistyle_decoder_widths_follow_the_config() -> None:
     with torch.no_grad():
         out = narrow(torch.rand(2, 3, 37, 29), torch.eye(2))
     assert out.shape == (2, 3, 37, 29)
+
+
+def test_a_full_precision_head_runs_outside_autocast() -> None:
+    """``full_precision_head`` layers compute in float32 under a bf16 autocast and the rest in
+    bf16; with every layer in the head the output is exactly the float32 net's."""
+    torch.manual_seed(0)
+    net = MultiStyleNet(MultiStyleNetConfig(num_styles=2, channels=(8, 8, 8), num_residual=1))
+    x, style = torch.rand(1, 3, 24, 20), torch.eye(2)[1:]
+    dtypes: list[torch.dtype] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+        for layer in net.layers()
+    ]
+    with torch.no_grad():
+        reference = net(x, style)
+        net.full_precision_head = 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes.clear()
+            net(x, style)
+            assert dtypes[0] == torch.float32 and set(dtypes[1:]) == {torch.bfloat16}
+            net.full_precision_head = len(net.layers())
+            precise = net(x, style)
+            net.full_precision_head = 0
+            rounded = net(x, style)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(precise, reference)
+    assert not torch.equal(rounded.float(), reference)

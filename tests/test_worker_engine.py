@@ -22,7 +22,12 @@ from model_zoo.registry import load_model, save_model
 from worker import openvino_runtime
 from worker.batching import collect, pack
 from worker.encoding import EncodeOptions, encode
-from worker.engine import MIN_REDUCED_SPEEDUP, Engine, resolve_batch_pixels
+from worker.engine import (
+    MAX_FULL_PRECISION_HEAD,
+    MIN_REDUCED_SPEEDUP,
+    Engine,
+    resolve_batch_pixels,
+)
 from worker.ragged import pad_to_stride
 from worker.settings import CPU_AUTO_BATCH_PIXELS, CUDA_AUTO_BATCH_PIXELS, WorkerSettings
 from worker.tiling import TileAccumulator, plan_tiles
@@ -54,6 +59,11 @@ def reference(zoo: Path, name: str, pixels: np.ndarray) -> np.ndarray:
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def uint8_image(batch: torch.Tensor) -> np.ndarray:
+    """The first image of an N x 3 x H x W batch in [0, 1] as H x W x 3 uint8."""
+    return (batch[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -636,3 +646,62 @@ def test_worker_models_may_name_styles_of_a_multistyle_net(tiny_zoo: Path) -> No
     assert set(engine.models) == {"tiny_multi", "tiny_style"}
     with pytest.raises(Exception, match="no model named 'nope'"):
         engine.load(["nope"])
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_openvino_split_into_a_head_and_a_tail_is_the_same_net(
+    tiny_zoo: Path, frozen: bool
+) -> None:
+    """A float32 head and a reduced-precision tail are two compiled pieces with the features
+    (and each piece's share of borrowed statistics) passed between them; in f32 every split
+    point gives the whole net's output."""
+    add_tiny_multistyle(tiny_zoo)
+    net, _ = load_model("tiny_multi", root=tiny_zoo)
+    executor = openvino_runtime.OpenVINOExecutor(net, threads=1)
+    assert executor.max_head == len(net.layers()) - 1
+    canvas = pad_to_stride(torch.from_numpy(image(50, 44, seed=4)).permute(2, 0, 1)[None] / 255, 4)
+    rows = torch.tensor([[0.0, 0.3, 0.7]])
+    stats = None
+    if frozen:
+        engine = Engine(zoo_dir=tiny_zoo, precision="fp32", cpu_runtime="torch")
+        _, measured = engine._forward(
+            engine.model("tiny_multi"), [canvas], [None], want_stats=True, styles=[rows]
+        )
+        assert measured is not None
+        stats = [measured[0]]
+    whole = executor(canvas, rows, "f32", frozen=stats)
+    with torch.no_grad():
+        expected = net(canvas, rows)
+    assert float((whole - expected).abs().max()) < 1e-4
+    for head in range(1, executor.max_head + 1):
+        # "bf16" with a head: where OpenVINO has no bf16 kernels the tail runs f32 too, and
+        # the pieces must then agree with the whole to rounding.
+        split = executor(canvas, rows, "bf16", frozen=stats, head=head)
+        if not openvino_runtime.runs_bf16():
+            assert float((split - whole).abs().max()) < 1e-4
+        else:
+            assert psnr(uint8_image(split), uint8_image(whole)) >= 25
+    with pytest.raises(ValueError, match="splits after"):
+        executor(canvas, rows, "bf16", head=executor.max_head + 1)
+
+
+def test_calibration_keeps_the_fewest_float32_layers_that_pass_the_gate(tiny_zoo: Path) -> None:
+    """Where bf16 fails the gate, the first layers move to float32 one at a time, up to
+    ``MAX_FULL_PRECISION_HEAD``; the first that passes is served. PyTorch's bf16 autocast
+    rounds on every CPU, so the ladder is exercised everywhere."""
+    add_tiny_multistyle(tiny_zoo)
+    options = {"zoo_dir": tiny_zoo, "precision": "bf16", "cpu_runtime": "torch"}
+    plain = Engine(**options, min_psnr_db=0.0).model("tiny_multi")
+    assert plain.precision == "bf16" and plain.full_precision_head == 0
+    # An impossible bar: every rung fails; the last rung's figure is kept, fp32 is served.
+    strict = Engine(**options, min_psnr_db=500.0).model("tiny_multi")
+    assert strict.precision == "fp32" and strict.full_precision_head == 0
+    assert strict.net.full_precision_head == 0
+    deepest = strict.calibration_psnr_db
+    assert deepest > plain.calibration_psnr_db  # less rounding, closer to fp32
+    gate = (plain.calibration_psnr_db + deepest) / 2
+    chosen = Engine(**options, min_psnr_db=gate).model("tiny_multi")
+    assert chosen.precision == "bf16"
+    assert 1 <= chosen.full_precision_head <= MAX_FULL_PRECISION_HEAD
+    assert chosen.net.full_precision_head == chosen.full_precision_head
+    assert chosen.calibration_psnr_db >= gate

@@ -317,6 +317,8 @@ def test_expired_and_cancelled_jobs_are_not_computed(
         # What each loaded net runs in (calibration and the CPU speed probe decide per model).
         assert set(beat["model_precision"]) == set(beat["models"])
         assert set(beat["model_precision"].values()) <= {"fp32", "bf16", "fp16"}
+        heads = beat["model_full_precision_head"]
+        assert set(heads) == set(beat["models"]) and all(h >= 0 for h in heads.values())
         assert "cancelled by its caller" in worker.output()
 
 

@@ -297,6 +297,9 @@ class Worker:
                 "device": str(self.engine.device),
                 "precision": self.engine.precision,
                 "model_precision": {n: m.precision for n, m in self.engine.models.items()},
+                "model_full_precision_head": {
+                    n: m.full_precision_head for n, m in self.engine.models.items()
+                },
                 "max_batch_pixels": self.engine.max_batch_pixels,
                 "started_at": self.started_at,
                 "jobs_done": self.jobs_done,

@@ -16,6 +16,13 @@ in OpenVINO too (the statistics pass itself stays in PyTorch, on a copy of at mo
 ``TILE_STATS_SIZE``). Tiled images ran 3-7x slower per pixel than whole ones while their
 tiles were PyTorch passes.
 
+A multi-style net can also run as two pieces: its first layers compiled in f32, the rest in
+bf16, the features passed between them (``OpenVINOExecutor.__call__``, ``head``). The CPU
+plugin ignores per-node precision marks (``disable_fp16_compression`` in a node's rt_info
+changed neither outputs nor timings under a bf16 hint), so the split is the way to keep the
+layers that see the photo at full resolution in f32; the engine's calibration decides how
+many (``worker.engine.MAX_FULL_PRECISION_HEAD``).
+
 The net is exported once per model at load: to ONNX (``torch.onnx``, dynamic batch, height and
 width), read by OpenVINO and compiled for each precision asked for on first use (~1 s).
 """
@@ -63,20 +70,25 @@ def runs_bf16() -> bool:
 
 class _StyleCore(nn.Module):
     """The net without its own stride padding and cropping (the engine pads every input to
-    the stride already), with the style rows as an explicit input for multi-style nets."""
+    the stride already), with the style rows as an explicit input for multi-style nets.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``layers``: a multi-style net's layers ``start:stop`` only, so that a net can run as a
+    float32 head and a bf16 tail (``OpenVINOExecutor``, ``head``); the output squash belongs
+    to the slice that ends the net."""
+
+    def __init__(self, net: nn.Module, layers: slice = slice(None)) -> None:
         super().__init__()
         self.net = net
+        self.start, self.stop = layers.start or 0, layers.stop
 
     def forward(self, image: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         net = self.net
         if isinstance(net, MultiStyleNet):
-            x = image
-            for layer in [*net.encoder, *net.residuals, *net.decoder]:
-                x = layer(x, style)
-            return _squash(x, net.config.output)
-        assert isinstance(net, StyleNet)
+            x = net.run_layers(image, style, self.start, self.stop)
+            if self.stop is None or self.stop >= len(net.layers()):
+                x = _squash(x, net.config.output)
+            return x
+        assert isinstance(net, StyleNet) and (self.start, self.stop) == (0, None)
         # ``style`` is unused by a single-style net but keeps one signature for both.
         y = net.decoder(net.residuals(net.encoder(image))) + 0.0 * style.sum()
         return _squash(y, net.config.output)
@@ -96,7 +108,9 @@ class _FrozenNorm(nn.Module):
         self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, var = self.source[0].stats[self.index]
+        stats = self.source[0].stats[self.index]
+        assert stats is not None, "a frozen norm outside the exported layers"
+        mean, var = stats
         out = (x - mean[:, :, None, None]) * torch.rsqrt(var[:, :, None, None] + self.eps)
         if self.weight is not None and self.bias is not None:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
@@ -105,26 +119,35 @@ class _FrozenNorm(nn.Module):
 
 class _FrozenStatsCore(nn.Module):
     """``_StyleCore`` with every per-image norm's mean and variance as inputs, in the order of
-    ``worker.ragged.per_image_norms`` (which is how ``Stats`` are indexed)."""
+    ``worker.ragged.per_image_norms`` (which is how ``Stats`` are indexed); for a slice of a
+    multi-style net's layers, the statistics of the norms in that slice only."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, layers: slice = slice(None)) -> None:
         super().__init__()
+        self.first_norm, self.num_norms = _norms_in(net, layers)
         net = copy.deepcopy(net)
-        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        norms = per_image_norms(net)
-        for index, (parent, name, child) in enumerate(norms):
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for index, (parent, name, child) in enumerate(per_image_norms(net)):
             setattr(parent, name, _FrozenNorm(child, self, index))
-        self.num_norms = len(norms)
-        self.core = _StyleCore(net)
+        self.core = _StyleCore(net, layers)
 
     def forward(
         self, image: torch.Tensor, style: torch.Tensor, *stats: torch.Tensor
     ) -> torch.Tensor:
-        self.stats = list(zip(stats[0::2], stats[1::2], strict=True))
+        self.stats = [None] * self.first_norm
+        self.stats += list(zip(stats[0::2], stats[1::2], strict=True))
         try:
             return self.core(image, style)
         finally:
             self.stats = []
+
+
+def _norms_in(net: nn.Module, layers: slice) -> tuple[int, int]:
+    """(index of the first, how many) per-image norms lie in ``layers`` of the net."""
+    if not isinstance(net, MultiStyleNet):
+        return 0, len(per_image_norms(net))
+    counts = [len(per_image_norms(layer)) for layer in net.layers()]
+    return sum(counts[: layers.start or 0]), sum(counts[layers])
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str]) -> Any:
@@ -171,32 +194,68 @@ class OpenVINOExecutor:
             raise TypeError(f"OpenVINO runtime: no export for {type(net).__name__}")
         self.num_styles = _num_styles(net)
         self.threads = threads
-        net = net.eval().float().to(memory_format=torch.contiguous_format)
-        image, style = torch.rand(1, 3, 32, 32), torch.eye(self.num_styles)[:1]
+        # A copy: splits are exported on first use, after the engine has rewritten its own net
+        # for padded batches (``worker.ragged``).
+        net = copy.deepcopy(net).eval().float().to(memory_format=torch.contiguous_format)
+        self._net = net
         self._core = ov.Core()
-        self._models = {"whole": _export(_StyleCore(net), (image, style), ["image", "style"])}
-        frozen = _FrozenStatsCore(net)
-        self.num_norms = frozen.num_norms
+        self._models: dict[tuple[str, int, int | None], Any] = {}
+        self.num_norms = len(per_image_norms(self._net))
+        self._model("whole", 0, None)
         if self.num_norms:
-            stats = [
-                torch.rand(1, child.num_features) + offset
-                for _, _, child in per_image_norms(net)
-                for offset in (0.0, 0.5)  # mean, var
-            ]
-            names = ["image", "style"]
-            names += [f"{kind}{k}" for k in range(self.num_norms) for kind in ("mean", "var")]
-            self._models["frozen"] = _export(frozen, (image, style, *stats), names)
-        self._compiled: dict[tuple[str, str], Any] = {}
+            self._model("frozen", 0, None)
+        self._compiled: dict[tuple[str, int, int | None, str], Any] = {}
         self.passes: Counter[str] = Counter()
         """Forward passes run per export ("whole", "frozen"): what the tests and logs can see."""
 
     @property
     def takes_frozen_stats(self) -> bool:
         """Tiles can run here: the net's norms accept borrowed statistics."""
-        return "frozen" in self._models
+        return self.num_norms > 0
 
-    def _request(self, precision: OVPrecision, variant: str = "whole") -> Any:
-        key = (variant, precision)
+    @property
+    def max_head(self) -> int:
+        """The most leading layers ``__call__`` can run in f32 ahead of a bf16 tail (0: the
+        net runs as one piece only)."""
+        net = self._net
+        return len(net.layers()) - 1 if isinstance(net, MultiStyleNet) else 0
+
+    def _model(self, variant: str, start: int, stop: int | None) -> Any:
+        """The export of layers ``start:stop`` ("whole": image and style in; "frozen": the
+        statistics of the slice's norms too), made on first use: a split costs ~1 s."""
+        key = (variant, start, stop)
+        if key not in self._models:
+            layers = slice(start, stop)
+            image, style = torch.rand(1, 3, 32, 32), torch.eye(self.num_styles)[:1]
+            if start:  # a tail takes the head's features
+                with torch.no_grad():
+                    image = _StyleCore(self._net, slice(0, start))(image, style)
+            names = ["image", "style"]
+            if variant == "whole":
+                module: nn.Module = _StyleCore(self._net, layers)
+                example: tuple[torch.Tensor, ...] = (image, style)
+            else:
+                module = _FrozenStatsCore(self._net, layers)
+                first, count = module.first_norm, module.num_norms
+                norms = per_image_norms(self._net)[first : first + count]
+                example = (image, style)
+                example += tuple(
+                    torch.rand(1, child.num_features) + offset
+                    for _, _, child in norms
+                    for offset in (0.0, 0.5)  # mean, var
+                )
+                names += [f"{kind}{k}" for k in range(count) for kind in ("mean", "var")]
+            self._models[key] = _export(module, example, names)
+        return self._models[key]
+
+    def _request(
+        self,
+        precision: OVPrecision,
+        variant: str = "whole",
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Any:
+        key = (variant, start, stop, precision)
         if key not in self._compiled:
             config: dict[str, Any] = {
                 "INFERENCE_PRECISION_HINT": precision,
@@ -204,7 +263,8 @@ class OpenVINOExecutor:
             }
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = self.threads
-            compiled = self._core.compile_model(self._models[variant], "CPU", config)
+            model = self._model(variant, start, stop)
+            compiled = self._core.compile_model(model, "CPU", config)
             self._compiled[key] = compiled.create_infer_request()
         return self._compiled[key]
 
@@ -214,25 +274,36 @@ class OpenVINOExecutor:
         style: torch.Tensor | None,
         precision: OVPrecision,
         frozen: list[Stats] | None = None,
+        head: int = 0,
     ) -> torch.Tensor:
         """One pass over an equal-size batch; ``frozen``: each sample's borrowed statistics
-        (all samples or none)."""
+        (all samples or none); ``head``: how many leading layers run in f32 when
+        ``precision`` is bf16 (two compiled pieces, the features passed between them)."""
+        if not 0 <= head <= self.max_head:
+            raise ValueError(f"head of {head} layers: this net splits after 0..{self.max_head}")
         batch = canvas.shape[0]
         if style is None:
             style = torch.zeros(batch, self.num_styles)
             style[:, 0] = 1.0
         image = np.ascontiguousarray(canvas.detach().float().cpu().numpy())
         rows = np.ascontiguousarray(style.detach().float().cpu().numpy())
-        inputs = {"image": image, "style": rows}
         variant = "whole"
         if frozen is not None:
             if not self.takes_frozen_stats:
                 raise ValueError("this net has no per-image norms to freeze")
             variant = "frozen"
-            for k in range(self.num_norms):
-                for j, kind in enumerate(("mean", "var")):
-                    layer = torch.stack([sample[k][j] for sample in frozen]).float().cpu()
-                    inputs[f"{kind}{k}"] = np.ascontiguousarray(layer.numpy())
-        result = self._request(precision, variant).infer(inputs)
+        pieces: list[tuple[OVPrecision, int, int | None]] = [(precision, 0, None)]
+        if head and precision != "f32":
+            pieces = [("f32", 0, head), (precision, head, None)]
+        for piece_precision, start, stop in pieces:
+            inputs = {"image": image, "style": rows}
+            if frozen is not None:
+                first, count = _norms_in(self._net, slice(start, stop))
+                for k in range(count):
+                    for j, kind in enumerate(("mean", "var")):
+                        layer = torch.stack([sample[first + k][j] for sample in frozen])
+                        inputs[f"{kind}{k}"] = np.ascontiguousarray(layer.float().cpu().numpy())
+            request = self._request(piece_precision, variant, start, stop)
+            image = np.array(next(iter(request.infer(inputs).values())))
         self.passes[variant] += 1
-        return torch.from_numpy(np.array(next(iter(result.values()))))
+        return torch.from_numpy(image)
