@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from model_zoo.manifest import IDENTITY_MIN_PSNR_DB, Manifest, read_manifest
 from model_zoo.registry import load_model, sha256_file
@@ -521,6 +522,12 @@ def test_promotion_copies_a_run_into_the_zoo_retiring_what_it_replaces(
     entry = manifest.get("multi")
     assert entry.sha256 == sha256_file(shipped / entry.weights)
     assert entry.iterations == 1 and entry.training["lineage"] == []
+    # Stored in fp16 as the zoo is, within the storage gate of the run's own fp32 weights.
+    storage = entry.metrics["storage"]
+    assert storage["dtype"] == "fp16" and storage["psnr_db_vs_fp32"] >= 40
+    assert storage["fp32_sha256"] == read_manifest(tmp_path / "zoo").get("multi").sha256
+    with safe_open(str(shipped / entry.weights), "pt") as stored:
+        assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"F16"}  # noqa: SIM118
     net, _ = load_model("multi", root=shipped)
     assert net(torch.rand(1, 3, 16, 16), net.one_hot(2)).shape == (1, 3, 16, 16)
     # The identity slot's fidelity is measured on the way and decides how strength works: this

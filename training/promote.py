@@ -8,7 +8,10 @@ single-style net of that name stays the served one) and retire single-style nets
 slots replace (``--retire``), all in one validated manifest write. The identity slot's
 fidelity (PSNR of its output against the photo) is measured on the way and recorded in its
 metrics: ``strength`` uses the slot only if it gives the photo back
-(``model_zoo.manifest.ModelEntry.strength_identity_index``).
+(``model_zoo.manifest.ModelEntry.strength_identity_index``). The promoted weights are then
+stored in fp16 as the rest of the zoo is (``training.storage``: only if the outputs stay
+within 40 dB of fp32; otherwise they stay fp32 and the command says so); ``--keep-fp32``
+skips it.
 
     python -m training.promote --from runs/zoo-ms --model multistyle \\
         --retire mosaic candy --private udnie --description "..."
@@ -34,7 +37,7 @@ from model_zoo.manifest import (
     zoo_dir,
 )
 from model_zoo.registry import ModelNotFoundError, load_model, sha256_file
-from training.storage import DEFAULT_PHOTOS, PROBE_SIDE, probes
+from training.storage import DEFAULT_PHOTOS, PROBE_SIDE, StorageRefused, probes, store_half
 
 
 def identity_fidelity(source: Path, name: str) -> dict[str, Any] | None:
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--description", default=None, help="what the model is (required if the run has none)"
     )
+    parser.add_argument("--keep-fp32", action="store_true", help="do not store the weights in fp16")
     args = parser.parse_args(argv)
     try:
         entry = promote(
@@ -144,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     public = [s.name for s in entry.styles if s.public and s.role == "style"]
     print(f"promoted {entry.name} ({entry.sha256[:12]}); public styles: {', '.join(public)}")
+    if not args.keep_fp32:
+        try:
+            record = store_half(entry.name, zoo_dir(args.target))
+            print(f"stored in fp16: {record['psnr_db_vs_fp32']} dB from fp32 on 8-bit outputs")
+        except StorageRefused as exc:
+            print(f"kept in fp32: {exc}")
     for slot in entry.styles:
         if "fidelity" in slot.metrics:
             fidelity = slot.metrics["fidelity"]
