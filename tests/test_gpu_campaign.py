@@ -40,6 +40,8 @@ from training.loop import task_for
 from training.tasks import MultiStyleTask
 from training.vgg import VGG16Features, resolve_vgg16_weights, vgg16_features
 
+from .conftest import add_tiny_multistyle, make_tiny_zoo
+
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
@@ -94,7 +96,7 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert run.returncode == 0, log[-4000:]
     assert wall < 125, f"the rehearsal took {wall:.0f} s"
     files = sorted(p.name for p in out.iterdir())
-    names = ["multistyle", "x4", "x4_pixel", "x8", "x8_pixel"]
+    names = ["multistyle", "multistyle_wide", "x4", "x4_pixel", "x8", "x8_pixel"]
     assert files == sorted([*(f"{n}.tar" for n in names), "summary.json", "campaign.log"])
     assert len(files) <= campaign.MAX_FILES
     assert all((out / f).stat().st_size < campaign.MAX_FILE_BYTES for f in files)
@@ -119,6 +121,14 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert forbidden(imported) == {}
     assert missing_requirements() == {}
 
+    # What the lease call does last (scripts/gpu_lease.sh): the log into serving.tar, beside the
+    # serving figures; eight files come back, and serving.tar is no model to import.
+    with tarfile.open(out / "serving.tar", "w") as tar:
+        tar.add(out / "campaign.log", arcname="./campaign.log")
+    (out / "campaign.log").unlink()
+    assert len(list(out.iterdir())) == campaign.MAX_FILES
+    assert summary["teachers"] == ["multistyle_wide"]
+
     # The import, into a copy of the tiny zoo (which has a single-style "mosaic").
     docs, runs_dir, sr_data = tmp_path / "docs", tmp_path / "runs", tmp_path / "sr_bench"
     _photo(sr_data / "Set5" / "a.png", (96, 96), 1)
@@ -132,7 +142,11 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     zoo = read_manifest(tiny_zoo)
-    for name in names:
+    # The teacher is unpacked (for later students) but not merged: nothing would serve it.
+    assert "multistyle_wide" not in zoo.names()
+    (unpacked,) = runs_dir.iterdir()
+    assert (unpacked / "multistyle_wide" / "entry.json").exists()
+    for name in (n for n in names if n != "multistyle_wide"):
         entry = zoo.get(name)
         assert entry.iterations >= 1 and entry.wall_time_s > 0 and entry.hardware
         assert entry.description and entry.data["pack"]["photos"] == 10
@@ -143,10 +157,11 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     slots = {s.name: s for s in multi.styles}
     assert not slots["mosaic"].public, "a slot named like a shipped style must stay private"
     assert slots["stripes"].public and slots["stripes"].style_image == "synthetic/stripes.png"
-    assert multi.training["style_images"] == [
-        "mosaic=synthetic/mosaic.png",
-        "stripes=synthetic/stripes.png",
-    ]
+    # The shipped shape, distilled in the same command from the wide net trained before it.
+    assert multi.loss == "distilled" and multi.training["teacher"] == "multistyle_wide"
+    assert multi.arch.channels == (8, 32, 32) and multi.arch.decoder_channels == (16, 8)  # type: ignore[union-attr]
+    teacher = summary["models"]["multistyle_wide"]
+    assert multi.training["lineage"][-1]["sha256"] == teacher["sha256"]
     assert zoo.styles()["mosaic"].model == "mosaic"  # the single-style net still serves it
     x4 = zoo.get("x4")
     assert x4.training["init_from"] == "x4_pixel"
@@ -248,8 +263,15 @@ def _random_vgg_state() -> dict[str, torch.Tensor]:
     return dict(vgg16_features(VGG_DEPTH).state_dict())
 
 
-def _objective_argv(kind: str, pack: Pack) -> list[str]:
+def _objective_argv(kind: str, pack: Pack, tmp_path: Path) -> list[str]:
     a, b = str(pack.style_path("mosaic")), str(pack.style_path("stripes"))
+    if kind == "distill":  # a teacher with an identity slot and two styles
+        teacher_zoo = make_tiny_zoo(tmp_path / "teacher-zoo")
+        add_tiny_multistyle(teacher_zoo)
+        return ["distill", "--teacher", "tiny_multi", "--teacher-zoo", str(teacher_zoo),
+                "--name", "d", "--channels", "4", "8", "8", "--num-residual", "1",
+                "--outer-kernel", "3", "--decoder-channels", "8", "4",
+                "--saturation-penalty", "10"]  # fmt: skip
     return {
         "style": ["style", "--name", "s", "--style-image", a, "--style-size", "40"],
         "sr-pixel": ["sr", "--name", "p", "--factor", "4", "--loss", "pixel"],
@@ -261,10 +283,10 @@ def _objective_argv(kind: str, pack: Pack) -> list[str]:
     }[kind]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["style", "sr-pixel", "sr-feat", "multistyle"])
+@pytest.mark.parametrize("kind", ["style", "sr-pixel", "sr-feat", "multistyle", "distill"])
 def test_device_objectives_equal_the_tasks_losses(kind: str, pack: Pack, tmp_path: Path) -> None:
     """Same net, same batch, same slots: the sync-free objective gives the task's terms."""
-    argv = _objective_argv(kind, pack)
+    argv = _objective_argv(kind, pack, tmp_path)
     settings = _settings([*argv, "--batch-size", "4", "--image-size", "32"], tmp_path)
     state = _random_vgg_state()
     device = torch.device("cpu")
@@ -284,8 +306,11 @@ def test_device_objectives_equal_the_tasks_losses(kind: str, pack: Pack, tmp_pat
         assert set(terms) <= set(objective.names)
         np.testing.assert_allclose(values, expected, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(sum(values), float(total.detach()), rtol=2e-5)
-    if isinstance(fast, MultiStyleTask):
+    if kind == "multistyle":
+        assert isinstance(fast, MultiStyleTask)
         assert "identity" in objective.names and "saturation" in objective.names
+    if kind == "distill":  # the identity slot's target is the photo, inside the pixel term
+        assert objective.names == ("pixel", "saturation")
 
 
 # ---------------------------------------------------------------------------------- stages

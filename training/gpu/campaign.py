@@ -12,6 +12,13 @@ The stages (:func:`default_stages`) are the zoo's models at the settings they we
 on the CPU (README, "Model zoo"; the multi-style net as in ``runs/multistyle.log``), with the
 paper's crop sizes and a batch of 16 (a GPU step at batch 4 is mostly launch overhead; 16 is
 four paper iterations' worth of images, and the reports count both).
+
+The shipped multi-style net is a cheap student distilled from a wider one (README, "A quarter
+of the MACs, distilled"), so the campaign trains both: ``multistyle_wide`` (16/32/64, the
+perceptual loss) is the teacher, and ``multistyle`` is distilled from it in the same command
+(``training distill``: no VGG, so its steps are cheap). The teacher does not ship
+(``Stage.ships``; the import keeps its tar under ``runs/`` for later students) and the student
+trains into a zoo of its own (``Stage.zoo``): one zoo cannot offer the same style names twice.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 TAR_LIMIT = MAX_FILE_BYTES - 256 * 1024
 SUMMARY = "summary.json"
+TEACHER = "multistyle_wide"
+"""The 16/32/64 multi-style net the shipped student is distilled from (module docstring)."""
 OVERRIDES = "overrides.json"
 
 
@@ -55,6 +64,11 @@ class Stage:
     """``python -m training`` arguments (the campaign adds data, zoo, run folder, resume)."""
     share: float
     """Share of the training budget (of what is left when the stage starts)."""
+    zoo: str = "zoo"
+    """The campaign folder's zoo the stage exports into (and takes ``--init-from`` from)."""
+    ships: bool = True
+    """False for a teacher: exported and packed (for later students), not merged into the
+    shipped zoo by ``training.gpu.results import``."""
 
 
 def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
@@ -64,12 +78,19 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
         ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "16")
     )
     multistyle = (
-        "multistyle", "--name", "multistyle", "--style-images", *styles,
+        "multistyle", "--name", TEACHER, "--style-images", *styles,
         "--warmup", "2" if dry_run else "200", "--saturation-penalty", "1e4",
         "--image-size", style_size, "--batch-size", batch,
     )  # fmt: skip
     if dry_run:  # the 512 px style Grams are most of a CPU rehearsal's setup
         multistyle = (*multistyle, "--style-size", "64")
+    # The shipped shape (distill's defaults: 8/32/32, 5 residual blocks, 5x5, 16/8 decoder) at
+    # the CPU distillation's settings; the campaign adds --teacher-zoo.
+    distill = (
+        "distill", "--teacher", TEACHER, "--name", "multistyle",
+        "--warmup", "2" if dry_run else "100", "--saturation-penalty", "10",
+        "--image-size", style_size, "--batch-size", batch,
+    )  # fmt: skip
 
     def sr(factor: int, loss: str, size: str) -> tuple[str, ...]:
         name = f"x{factor}" if loss == "feat" else f"x{factor}_pixel"
@@ -83,7 +104,8 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
         return argv
 
     return [
-        Stage("multistyle", multistyle, 0.45),
+        Stage(TEACHER, multistyle, 0.38, ships=False),
+        Stage("multistyle", distill, 0.07, zoo="zoo-slim"),
         Stage("x4_pixel", sr(4, "pixel", x4_size), 0.10),
         Stage("x4", sr(4, "feat", x4_size), 0.175),
         Stage("x8_pixel", sr(8, "pixel", x8_size), 0.10),
@@ -105,11 +127,13 @@ def stage_settings(
     stage: Stage, work: Path, pack: Pack, device: str, extra: Sequence[str]
 ) -> TrainSettings:
     """The stage's ``TrainSettings``, parsed by the trainer's own command line."""
-    zoo, runs = work / "zoo", work / "runs"
+    zoo, runs = work / stage.zoo, work / "runs"
     argv = [
         *stage.argv, "--data", pack.train_source, "--zoo", str(zoo), "--run-dir", str(runs),
         "--iterations", str(UNLIMITED), "--device", device, "--quiet", "--resume", *extra,
     ]  # fmt: skip
+    if stage.argv[0] == "distill":  # the teacher is another stage's, in the main zoo
+        argv += ["--teacher-zoo", str(work / "zoo")]
     settings = settings_from_args(build_parser().parse_args(argv))
     source = settings.init_from
     fresh = not (runs / stage.name / "checkpoint.safetensors").exists()
@@ -194,8 +218,12 @@ def _needs_export(run: Path, zoo: Path) -> bool:
     return not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime
 
 
+def _stage(name: str, pack: Pack, dry_run: bool) -> Stage | None:
+    return next((s for s in default_stages(pack, dry_run=dry_run) if s.name == name), None)
+
+
 def _export_only(name: str, work: Path, pack: Pack, dry_run: bool) -> None:
-    stage = next((s for s in default_stages(pack, dry_run=dry_run) if s.name == name), None)
+    stage = _stage(name, pack, dry_run)
     if stage is None:
         return
     path = work / OVERRIDES
@@ -210,10 +238,10 @@ def _export_only(name: str, work: Path, pack: Pack, dry_run: bool) -> None:
             log.error("%s: export on %s failed: %s", name, device, traceback.format_exc())
 
 
-def pack_model(name: str, work: Path, out: Path) -> Path | None:
+def pack_model(name: str, work: Path, out: Path, zoo_name: str = "zoo") -> Path | None:
     """One tar per model: entry.json, weights, sample grids, loss curve, checkpoint, stage.json;
     the larger sample grids and then the checkpoint are left out if it would pass 16 MiB."""
-    run, zoo = work / "runs" / name, work / "zoo"
+    run, zoo = work / "runs" / name, work / zoo_name
     files: list[tuple[Path, str]] = []
     manifest = read_manifest(zoo)
     if name in manifest.names():
@@ -246,11 +274,13 @@ def export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack.open(args.pack)
     runs = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
+    stages = {run.name: _stage(run.name, pack, args.dry_run) for run in runs}
+    zoos = {name: stage.zoo if stage else "zoo" for name, stage in stages.items()}
     for run in runs:
-        if _needs_export(run, work / "zoo"):
+        if _needs_export(run, work / zoos[run.name]):
             _export_only(run.name, work, pack, args.dry_run)
     reports = {run.name: read_stage(run) for run in runs}
-    written = [pack_model(run.name, work, out) for run in runs]
+    written = [pack_model(run.name, work, out, zoos[run.name]) for run in runs]
     summary: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
@@ -258,6 +288,7 @@ def export(args: argparse.Namespace) -> int:
         "pack": pack.describe(),
         "dry_run": args.dry_run,
         "models": {k: asdict(v) if v else None for k, v in reports.items()},
+        "teachers": sorted(n for n, stage in stages.items() if stage and not stage.ships),
         "files": [p.name for p in written if p is not None],
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

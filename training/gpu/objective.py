@@ -29,6 +29,7 @@ from torch import nn
 from training.data import degrade
 from training.losses import feature_loss, pixel_loss, style_loss, tv_loss
 from training.tasks import MultiStyleTask, SRTask, StyleTask, TrainingTask
+from training.tasks.distill import DistillTask
 from training.tasks.style import perceptual_terms
 from training.vgg import CONTENT_LAYER, STYLE_LAYERS
 
@@ -153,8 +154,40 @@ class MultiStyleObjective:
         return terms
 
 
+class DistillObjective(MultiStyleObjective):
+    """``DistillTask.loss`` without host reads: the teacher's output for each sample's slot
+    (the photo for the identity slot, by a mask), the mean absolute error to it, and the
+    saturation term; the slot table and the logits watch are the multi-style objective's."""
+
+    def __init__(self, task: DistillTask, batch: int, device: torch.device) -> None:
+        super().__init__(task, batch, device)
+        self.distill = task
+        self.names = ("pixel", *(("saturation",) if task.settings.saturation_penalty else ()))
+
+    def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+        task, s = self.distill, self.distill.settings
+        if s.saturation_penalty:
+            self._watch(net)
+        slots = self.slots()
+        weights = self.eye[slots]
+        with torch.no_grad():
+            photo = batch.float()
+            target = task.teacher(photo, weights).float()
+            identity = task.is_identity[slots].view(-1, 1, 1, 1)
+            target = torch.where(identity, photo, target)
+        output = net(batch, weights)
+        terms = [(output.float() - target).abs().mean()]
+        if s.saturation_penalty:
+            assert self._logits is not None
+            excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
+            terms.append(s.saturation_penalty * excess.pow(2).mean())
+        return terms
+
+
 def objective_for(task: TrainingTask, batch: int, device: torch.device) -> Objective:
     """The device-only objective of a prepared task (``task.prepare`` has run)."""
+    if isinstance(task, DistillTask):  # before MultiStyleTask, which it extends
+        return DistillObjective(task, batch, device)
     if isinstance(task, MultiStyleTask):  # before StyleTask: add-style is a MultiStyleTask
         return MultiStyleObjective(task, batch, device)
     if isinstance(task, StyleTask):

@@ -7,8 +7,11 @@ pack and lineage the campaign recorded. Then the weights are stored in fp16 wher
 the outputs within 40 dB of fp32 (``training.storage``, how the whole zoo is stored). A
 multi-style net's slots whose names another model of the zoo already offers are kept private
 (``public: false``): which net serves a style name is a decision, not a side effect of an
-import (``--public-slots`` overrides). ``scripts/gpu_import.sh`` then runs the evaluation and
-the gallery.
+import (``--public-slots`` overrides). A teacher (``summary.json``'s ``teachers``: the wide
+multi-style net the shipped student was distilled from) is unpacked but not merged: it is
+kept under ``--runs`` for later students (``training distill --teacher-zoo``), and a worker
+would only load it for nothing. ``scripts/gpu_import.sh`` then runs the evaluation and the
+gallery.
 
 ``restore DIR``: the checkpoints go back into a campaign folder (default ``.campaign``), so a
 campaign on a fresh machine (carry ``.campaign``) resumes where the last one stopped.
@@ -54,11 +57,17 @@ class Result:
 
 
 def unpack(results: Path, into: Path) -> list[Result]:
-    """Unpack every ``*.tar`` of ``results`` into ``into`` (data-only extraction: no links or
-    absolute paths), one folder per model."""
+    """Unpack every model's tar of ``results`` into ``into`` (data-only extraction: no links or
+    absolute paths), one folder per model. Where the campaign's ``summary.json`` lists its
+    files, only those: the lease's ``serving.tar`` (the serving figures and the campaign's
+    log) is no model."""
     into.mkdir(parents=True, exist_ok=True)
     out = []
-    for tar_path in sorted(results.glob("*.tar")):
+    tars = sorted(results.glob("*.tar"))
+    if (results / SUMMARY).exists():
+        listed = set(json.loads((results / SUMMARY).read_text()).get("files", []))
+        tars = [t for t in tars if t.name in listed]
+    for tar_path in tars:
         with tarfile.open(tar_path) as tar:
             tar.extractall(into, filter="data")
         folder = into / tar_path.stem
@@ -122,9 +131,15 @@ def import_results(
 ) -> list[dict[str, Any]]:
     """Merge every model of a campaign's results into ``zoo``; one summary row per model."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    summary = results / SUMMARY
+    teachers = json.loads(summary.read_text()).get("teachers", []) if summary.exists() else []
     rows = []
     for result in unpack(results, runs / stamp):
         row: dict[str, Any] = {"name": result.name, "folder": str(result.folder)}
+        if result.name in teachers:
+            row["teacher"] = True
+            rows.append(row)
+            continue
         try:
             entry, private = merge(result, zoo, public_slots=public_slots)
         except ResultsError as exc:
@@ -202,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         args.results, args.zoo, args.runs, public_slots=args.public_slots, half=not args.keep_fp32
     )
     for row in rows:
+        if row.get("teacher"):
+            print(f"{row['name']:<12} a teacher: kept in {row['folder']}, not merged")
+            continue
         if "error" in row:
             print(f"{row['name']:<12} NOT IMPORTED: {row['error']}")
             continue
@@ -214,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['wall_time_s']:.0f} s; weights {storage}{private}"
         )
     if args.names_out:
-        imported = [r for r in rows if "error" not in r]
+        imported = [r for r in rows if "error" not in r and not r.get("teacher")]
         args.names_out.write_text(
             json.dumps(
                 {
