@@ -53,18 +53,44 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def labelled_grid(
     rows: Sequence[Sequence[tuple[str, Image.Image | None]]], cell: int
 ) -> Image.Image:
-    """Rows of (caption, tile) cells, each tile resized to ``cell`` px; None leaves a blank."""
+    """Rows of (caption, tile) cells, each tile resized to ``cell`` px; None leaves a blank.
+    A caption wider than its cell wraps at spaces onto more lines (its row's label band grows)
+    rather than running into the next cell's."""
     columns = max(len(row) for row in rows)
-    step = cell + LABEL_HEIGHT
-    grid = Image.new("RGB", (columns * cell, len(rows) * step), BACKGROUND)
-    draw, font = ImageDraw.Draw(grid), _font()
-    for r, row in enumerate(rows):
-        for c, (caption, tile) in enumerate(row):
-            x, y = c * cell, r * step
-            draw.text((x + 4, y + 2), caption, fill=(0, 0, 0), font=font)
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [[_wrap(caption, cell - 8, font, measure) for caption, _ in row] for row in rows]
+    bands = [LABEL_HEIGHT * max(len(lines) for lines in row) for row in wrapped]
+    grid = Image.new("RGB", (columns * cell, sum(bands) + len(rows) * cell), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    y = 0
+    for row, lines_of_row, band in zip(rows, wrapped, bands, strict=True):
+        for c, ((_, tile), lines) in enumerate(zip(row, lines_of_row, strict=True)):
+            x = c * cell
+            for k, line in enumerate(lines):
+                draw.text((x + 4, y + 2 + k * LABEL_HEIGHT), line, fill=(0, 0, 0), font=font)
             if tile is not None:
-                grid.paste(tile, (x, y + LABEL_HEIGHT))
+                grid.paste(tile, (x, y + band))
+        y += band + cell
     return grid
+
+
+def _wrap(
+    caption: str,
+    width: int,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    draw: ImageDraw.ImageDraw,
+) -> list[str]:
+    """``caption`` in lines of at most ``width`` px, broken at spaces (a single word that is
+    wider stays whole)."""
+    lines: list[str] = []
+    for word in caption.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate, font=font) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def save_jpeg(img: Image.Image, path: Path, quality: int) -> int:
