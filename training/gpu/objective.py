@@ -127,12 +127,24 @@ class MultiStyleObjective:
         self.step.add_(1)
         return slots
 
-    def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
-        task, s = self.task, self.task.settings
-        if s.saturation_penalty:
+    def next_rows(self, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's slots and one-hot style rows; watches the logits when the saturation
+        term is on."""
+        if self.task.settings.saturation_penalty:
             self._watch(net)
         slots = self.slots()
-        weights = self.eye[slots]
+        return slots, self.eye[slots]
+
+    def saturation(self) -> torch.Tensor:
+        """The weighted penalty on the last forward's pre-squash logits beyond the limit."""
+        s = self.task.settings
+        assert self._logits is not None
+        excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
+        return s.saturation_penalty * excess.pow(2).mean()
+
+    def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+        task, s = self.task, self.task.settings
+        slots, weights = self.next_rows(net)
         output = net(batch, weights)
         out_feats = task.vgg(output)
         with torch.no_grad():
@@ -144,9 +156,7 @@ class MultiStyleObjective:
             s.tv_weight * tv_loss(output),
         ]
         if s.saturation_penalty:
-            assert self._logits is not None
-            excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
-            terms.append(s.saturation_penalty * excess.pow(2).mean())
+            terms.append(self.saturation())
         if self.has_identity:
             mask = task.is_identity[slots].float()
             per_sample = (output.float() - batch.float()).pow(2).mean(dim=(1, 2, 3))
@@ -165,11 +175,8 @@ class DistillObjective(MultiStyleObjective):
         self.names = ("pixel", *(("saturation",) if task.settings.saturation_penalty else ()))
 
     def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
-        task, s = self.distill, self.distill.settings
-        if s.saturation_penalty:
-            self._watch(net)
-        slots = self.slots()
-        weights = self.eye[slots]
+        task = self.distill
+        slots, weights = self.next_rows(net)
         with torch.no_grad():
             photo = batch.float()
             target = task.teacher(photo, weights).float()
@@ -177,10 +184,8 @@ class DistillObjective(MultiStyleObjective):
             target = torch.where(identity, photo, target)
         output = net(batch, weights)
         terms = [(output.float() - target).abs().mean()]
-        if s.saturation_penalty:
-            assert self._logits is not None
-            excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
-            terms.append(s.saturation_penalty * excess.pow(2).mean())
+        if task.settings.saturation_penalty:
+            terms.append(self.saturation())
         return terms
 
 
