@@ -86,10 +86,11 @@ whole peaked ~0.5 GB above the loaded worker (3000² ~2 GB), inside the CPU work
 MAX_FULL_PRECISION_HEAD = 2
 """Where reduced precision fails the gate, calibration retries with the first 1, then 2 layers
 of a multi-style net in float32 (``MultiStyleNet.full_precision_head``). Rounding the photo
-and the first layer's output costs the most: on the shipped 8/32/32 net, OpenVINO bf16 read
-39.3 dB worst-case on the calibration photos, 44.8 with one f32 layer and 51.4 with two, at
-36 / 48 / 57 ms for a 512 px image on one thread of a Xeon with AMX, against 122 ms in f32
-(``README``, "bf16 with a float32 head"). Deeper heads would cost most of what bf16 saves."""
+and the first layer's output costs the most: on the session-10 weights of the 8/32/32 net,
+OpenVINO bf16 read 39.3 dB worst-case on the calibration photos, 44.8 with one f32 layer and
+51.4 with two, at 36 / 48 / 57 ms for a 512 px image on one thread of a Xeon with AMX,
+against 122 ms in f32; the session-11 weights needed two (39.0 / 39.99 / 45.9 dB) (``README``,
+"bf16 with a float32 head"). Deeper heads would cost most of what bf16 saves."""
 MIN_REDUCED_SPEEDUP = 1.1
 """Reduced precision must be this much faster than fp32 to be served: at equal speed fp32 is
 the better output, and a smaller margin would flip with timing noise."""
