@@ -344,6 +344,13 @@ class MultiStyleNet(nn.Module):
         return x
 
 
+def max_full_precision_head(net: nn.Module) -> int:
+    """How many leading layers of ``net`` can run in float32 ahead of a reduced-precision rest
+    (``MultiStyleNet.full_precision_head``): all but the last for a multi-style net, none for
+    a net that runs as one piece."""
+    return len(net.layers()) - 1 if isinstance(net, MultiStyleNet) else 0
+
+
 def build_net(config: ArchConfig) -> nn.Module:
     """Rebuild a net from its stored config (the manifest's ``arch`` field)."""
     if isinstance(config, MultiStyleNetConfig):

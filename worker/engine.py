@@ -47,7 +47,7 @@ from model_zoo.config import MultiStyleNetConfig
 from model_zoo.hardware import Compute, Precision, resolve_compute
 from model_zoo.imaging import tensor_to_uint8
 from model_zoo.manifest import ModelEntry, read_manifest
-from model_zoo.nets import MultiStyleNet
+from model_zoo.nets import MultiStyleNet, max_full_precision_head
 from model_zoo.registry import list_models, load_model
 from worker import openvino_runtime
 from worker.batching import pack
@@ -132,13 +132,6 @@ class LoadedModel:
     @property
     def runtime(self) -> str:
         return "openvino" if self.executor is not None else "torch"
-
-    @property
-    def max_head(self) -> int:
-        """The most leading layers that can run in float32 ahead of a reduced-precision rest."""
-        if self.executor is not None:
-            return self.executor.max_head
-        return len(self.net.layers()) - 1 if isinstance(self.net, MultiStyleNet) else 0
 
     def keep_head_precise(self, layers: int) -> None:
         """Run the first ``layers`` layers in float32 in every runtime this model uses."""
@@ -401,7 +394,9 @@ class Engine:
                 )
                 references.append((probe, styles, reference[0], stats))
         heads = (
-            [0] if requested == "fp32" else range(min(MAX_FULL_PRECISION_HEAD, model.max_head) + 1)
+            [0]
+            if requested == "fp32"
+            else range(min(MAX_FULL_PRECISION_HEAD, max_full_precision_head(model.net)) + 1)
         )
         for head in heads:
             model.keep_head_precise(head)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_zoo.nets import MultiStyleNet, StyleNet, _squash
+from model_zoo.nets import MultiStyleNet, StyleNet, _squash, max_full_precision_head
 from worker.ragged import Stats, per_image_norms
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ class _FrozenStatsCore(nn.Module):
     ``worker.ragged.per_image_norms`` (which is how ``Stats`` are indexed); for a slice of a
     multi-style net's layers, the statistics of the norms in that slice only."""
 
-    def __init__(self, net: nn.Module, layers: slice = slice(None)) -> None:
+    def __init__(self, net: nn.Module, layers: slice = slice(None), first_norm: int = 0) -> None:
         super().__init__()
-        self.first_norm, self.num_norms = _norms_in(net, layers)
+        self.first_norm = first_norm
         net = copy.deepcopy(net)
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for index, (parent, name, child) in enumerate(per_image_norms(net)):
@@ -140,14 +140,6 @@ class _FrozenStatsCore(nn.Module):
             return self.core(image, style)
         finally:
             self.stats = []
-
-
-def _norms_in(net: nn.Module, layers: slice) -> tuple[int, int]:
-    """(index of the first, how many) per-image norms lie in ``layers`` of the net."""
-    if not isinstance(net, MultiStyleNet):
-        return 0, len(per_image_norms(net))
-    counts = [len(per_image_norms(layer)) for layer in net.layers()]
-    return sum(counts[: layers.start or 0]), sum(counts[layers])
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str]) -> Any:
@@ -200,7 +192,14 @@ class OpenVINOExecutor:
         self._net = net
         self._core = ov.Core()
         self._models: dict[tuple[str, int, int | None], Any] = {}
-        self.num_norms = len(per_image_norms(self._net))
+        self._norms = per_image_norms(net)
+        self.num_norms = len(self._norms)
+        # Norms per layer of a multi-style net, so a slice's share of the statistics is a sum.
+        self._norms_per_layer = (
+            [len(per_image_norms(layer)) for layer in net.layers()]
+            if isinstance(net, MultiStyleNet)
+            else [self.num_norms]
+        )
         self._model("whole", 0, None)
         if self.num_norms:
             self._model("frozen", 0, None)
@@ -217,8 +216,12 @@ class OpenVINOExecutor:
     def max_head(self) -> int:
         """The most leading layers ``__call__`` can run in f32 ahead of a bf16 tail (0: the
         net runs as one piece only)."""
-        net = self._net
-        return len(net.layers()) - 1 if isinstance(net, MultiStyleNet) else 0
+        return max_full_precision_head(self._net)
+
+    def _norm_span(self, start: int, stop: int | None) -> tuple[int, int]:
+        """(index of the first, how many) per-image norms lie in layers ``start:stop``."""
+        counts = self._norms_per_layer
+        return sum(counts[:start]), sum(counts[start:stop])
 
     def _model(self, variant: str, start: int, stop: int | None) -> Any:
         """The export of layers ``start:stop`` ("whole": image and style in; "frozen": the
@@ -235,9 +238,9 @@ class OpenVINOExecutor:
                 module: nn.Module = _StyleCore(self._net, layers)
                 example: tuple[torch.Tensor, ...] = (image, style)
             else:
-                module = _FrozenStatsCore(self._net, layers)
-                first, count = module.first_norm, module.num_norms
-                norms = per_image_norms(self._net)[first : first + count]
+                first, count = self._norm_span(start, stop)
+                module = _FrozenStatsCore(self._net, layers, first)
+                norms = self._norms[first : first + count]
                 example = (image, style)
                 example += tuple(
                     torch.rand(1, child.num_features) + offset
@@ -298,7 +301,7 @@ class OpenVINOExecutor:
         for piece_precision, start, stop in pieces:
             inputs = {"image": image, "style": rows}
             if frozen is not None:
-                first, count = _norms_in(self._net, slice(start, stop))
+                first, count = self._norm_span(start, stop)
                 for k in range(count):
                     for j, kind in enumerate(("mean", "var")):
                         layer = torch.stack([sample[first + k][j] for sample in frozen])
