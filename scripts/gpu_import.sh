@@ -12,7 +12,8 @@
 #      zoo, entries upserted (hardware, iterations, wall time, data pack, lineage), weights
 #      stored in fp16 where within 40 dB of fp32; a multi-style slot whose name another model
 #      already offers stays private unless --public-slots; a teacher (summary.json's
-#      "teachers", the wide net the shipped student is distilled from) is unpacked, not merged;
+#      "teachers", the wide net the shipped student is distilled from) is unpacked, not merged
+#      (the distilled intermediate never comes back: the shipped student is its fine-tune);
 #   2. python -m evaluation sr on the imported SR models (into the manifest's metrics and
 #      DOCS/eval_sr_gpu.md; --quick: one image of Set5);
 #   3. python -m evaluation droplets on the imported styles that are public (private slots are

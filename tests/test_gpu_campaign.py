@@ -6,6 +6,7 @@ and the travel budget."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -96,7 +97,7 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert run.returncode == 0, log[-4000:]
     assert wall < 125, f"the rehearsal took {wall:.0f} s"
     files = sorted(p.name for p in out.iterdir())
-    names = ["multistyle", "multistyle_wide", "x4", "x4_pixel", "x8", "x8_pixel"]
+    names = ["multistyle", "multistyle_wide", "x4", "x4_pixel", "x8", "x8_pixel"]  # packed
     assert files == sorted([*(f"{n}.tar" for n in names), "summary.json", "campaign.log"])
     assert len(files) <= campaign.MAX_FILES
     assert all((out / f).stat().st_size < campaign.MAX_FILE_BYTES for f in files)
@@ -157,11 +158,15 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     slots = {s.name: s for s in multi.styles}
     assert not slots["mosaic"].public, "a slot named like a shipped style must stay private"
     assert slots["stripes"].public and slots["stripes"].style_image == "synthetic/stripes.png"
-    # The shipped shape, distilled in the same command from the wide net trained before it.
-    assert multi.loss == "distilled" and multi.training["teacher"] == "multistyle_wide"
+    # The shipped shape, distilled in the same command from the wide net trained before it,
+    # then trained on the perceptual loss from those weights (the distilled net stays there).
     assert multi.arch.channels == (8, 32, 32) and multi.arch.decoder_channels == (16, 8)  # type: ignore[union-attr]
-    teacher = summary["models"]["multistyle_wide"]
-    assert multi.training["lineage"][-1]["sha256"] == teacher["sha256"]
+    assert multi.loss != "distilled" and multi.training["init_from"] == "multistyle_distilled"
+    assert "init_zoo" not in multi.training  # where it was read from is no training setting
+    *_, teacher, distilled = multi.training["lineage"]
+    assert distilled["sha256"] == summary["models"]["multistyle_distilled"]["sha256"]
+    assert distilled["name"] == "multistyle_distilled" and distilled["init_from"] is None
+    assert teacher["sha256"] == summary["models"]["multistyle_wide"]["sha256"]
     assert zoo.styles()["mosaic"].model == "mosaic"  # the single-style net still serves it
     x4 = zoo.get("x4")
     assert x4.training["init_from"] == "x4_pixel"
@@ -367,6 +372,27 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     settings = campaign.stage_settings(stage, fresh, pack, "cpu", ["--batch-size", "1"])
     third = train_stage(settings, pack, StageOptions(budget_s=1, reserve_s=1, log_every=1))
     assert third.start_iteration == second.iteration < third.iteration
+
+
+def test_the_distilled_student_is_skipped_once_its_fine_tune_has_begun(
+    pack: Pack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a resume, more distillation could no longer reach the shipped net: the fine-tune
+    that continues from it already has weights of its own."""
+    stages = {s.name: s for s in campaign.default_stages(pack, dry_run=True)}
+    distilled, student = stages[campaign.DISTILLED], stages["multistyle"]
+    assert distilled.feeds == "multistyle" and not distilled.packed and not distilled.ships
+    assert student.ships and student.packed and student.init_zoo == distilled.zoo
+    work = tmp_path / "work"
+    (work / "runs" / "multistyle").mkdir(parents=True)
+    (work / "runs" / "multistyle" / "checkpoint.safetensors").write_bytes(b"")
+    argv = ["train", "--pack", str(pack.root), "--work", str(work), "--dry-run",
+            "--device", "cpu", "--budget-s", "60", "--min-stage-s", "0",
+            "--stages", campaign.DISTILLED]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="training.gpu.campaign"):
+        assert campaign.main(argv) == 0
+    assert "multistyle_distilled: skipped, multistyle already continues from it" in caplog.text
+    assert not (work / "runs" / campaign.DISTILLED).exists()
 
 
 # ---------------------------------------------------------------------------------- budgets

@@ -48,6 +48,9 @@ def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--init-from", default=None, help="start from this zoo model's weights")
     parser.add_argument(
+        "--init-zoo", default=None, help="the zoo holding the --init-from model (default: --zoo)"
+    )
+    parser.add_argument(
         "--grad-clip", type=float, default=0.0, help="clip the gradient norm (0: off)"
     )
     parser.add_argument(

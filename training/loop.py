@@ -78,7 +78,9 @@ def start_run(task: TrainingTask, device: torch.device) -> tuple[nn.Module, RunS
     net = task.build_net().to(device).train()
     state = RunState(lineage=task.initial_lineage())
     if settings.init_from and not resuming:
-        source, source_entry = registry.load_model(settings.init_from, root=settings.zoo)
+        source, source_entry = registry.load_model(
+            settings.init_from, root=settings.init_zoo or settings.zoo
+        )
         task.init_from(net, source, source_entry)
         state.lineage = manifest.lineage_of(source_entry)
     # channels_last: oneDNN and cuDNN both run these convs fastest in NHWC (the VGG forward

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Run-time switches that say how to run, not what was trained: kept out of the manifest.
-RUNTIME_ONLY = ("extra", "zoo", "teacher_zoo")
+RUNTIME_ONLY = ("extra", "zoo", "teacher_zoo", "init_zoo")
 
 
 @dataclass
@@ -44,6 +44,10 @@ class TrainSettings:
     # the CPU, starry_night from mosaic was usable after ~450 iterations, where runs from
     # scratch needed 1,000-1,600.
     init_from: str | None = None
+    init_zoo: str | None = None
+    """The zoo ``init_from`` is read from (None: ``zoo``). A fine-tune of a shipped model can
+    then write into a zoo of its own without first copying the shipped one; a multi-style
+    model cannot share a zoo with another net offering the same style names."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

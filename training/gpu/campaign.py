@@ -13,12 +13,17 @@ on the CPU (README, "Model zoo"; the multi-style net as in ``runs/multistyle.log
 paper's crop sizes and a batch of 16 (a GPU step at batch 4 is mostly launch overhead; 16 is
 four paper iterations' worth of images, and the reports count both).
 
-The shipped multi-style net is a cheap student distilled from a wider one (README, "A quarter
-of the MACs, distilled"), so the campaign trains both: ``multistyle_wide`` (16/32/64, the
-perceptual loss) is the teacher, and ``multistyle`` is distilled from it in the same command
-(``training distill``: no VGG, so its steps are cheap). The teacher does not ship
-(``Stage.ships``; the import keeps its tar under ``runs/`` for later students) and the student
-trains into a zoo of its own (``Stage.zoo``): one zoo cannot offer the same style names twice.
+The shipped multi-style net is a cheap student distilled from a wider one and then trained on
+the perceptual loss itself (README, "A quarter of the MACs, distilled"), so the campaign runs
+the CPU's three steps: ``multistyle_wide`` (16/32/64, the perceptual loss) is the teacher,
+``multistyle_distilled`` copies it into the small shape (``training distill``: no VGG, so its
+steps are cheap), and ``multistyle`` continues from those weights on the perceptual loss: L1
+to the teacher averages away the fine texture the Gram loss counts (on the CPU the distilled
+net matched 8-25 L-BFGS iterations, 380 perceptual steps later 22-29). The teacher does not
+ship (``Stage.ships``; the import keeps its tar under ``runs/`` for later students), the
+distilled net does not come back at all (``Stage.packed``: its weights live on as the
+fine-tune's start, and eight files is all a call returns), and each trains into a zoo of its
+own (``Stage.zoo``): one zoo cannot offer the same style names twice.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ TAR_LIMIT = MAX_FILE_BYTES - 256 * 1024
 SUMMARY = "summary.json"
 TEACHER = "multistyle_wide"
 """The 16/32/64 multi-style net the shipped student is distilled from (module docstring)."""
+DISTILLED = "multistyle_distilled"
+"""The student as distilled, before its perceptual fine-tune (module docstring)."""
 OVERRIDES = "overrides.json"
 
 
@@ -69,6 +76,13 @@ class Stage:
     ships: bool = True
     """False for a teacher: exported and packed (for later students), not merged into the
     shipped zoo by ``training.gpu.results import``."""
+    packed: bool = True
+    """False for an intermediate whose only use is the next stage's start: no tar of its own."""
+    init_zoo: str | None = None
+    """The campaign folder's zoo ``--init-from`` reads (None: ``zoo``)."""
+    feeds: str | None = None
+    """The stage that starts from this one's weights: once that one has a checkpoint, this
+    one is skipped on a resume (its time goes to the others)."""
 
 
 def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
@@ -77,19 +91,31 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
     style_size, x4_size, x8_size, batch = (
         ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "16")
     )
-    multistyle = (
-        "multistyle", "--name", TEACHER, "--style-images", *styles,
-        "--warmup", "2" if dry_run else "200", "--saturation-penalty", "1e4",
+    # The perceptual objective as the CPU runs used it (README, "Training a style"): the
+    # tables at 10x the learning rate, identity samples weighted 1e6, the saturation penalty.
+    perceptual = (
+        "multistyle", "--style-images", *styles, "--saturation-penalty", "1e4",
+        "--conditional-lr-scale", "10", "--identity-weight", "1e6",
         "--image-size", style_size, "--batch-size", batch,
     )  # fmt: skip
     if dry_run:  # the 512 px style Grams are most of a CPU rehearsal's setup
-        multistyle = (*multistyle, "--style-size", "64")
+        perceptual = (*perceptual, "--style-size", "64")
+    teacher = (*perceptual, "--name", TEACHER, "--warmup", "2" if dry_run else "200")
     # The shipped shape (distill's defaults: 8/32/32, 5 residual blocks, 5x5, 16/8 decoder) at
     # the CPU distillation's settings; the campaign adds --teacher-zoo.
+    student = (
+        "--channels", "8", "32", "32", "--num-residual", "5", "--outer-kernel", "5",
+        "--decoder-channels", "16", "8",
+    )  # fmt: skip
     distill = (
-        "distill", "--teacher", TEACHER, "--name", "multistyle",
+        "distill", "--teacher", TEACHER, "--name", DISTILLED, *student,
         "--warmup", "2" if dry_run else "100", "--saturation-penalty", "10",
         "--image-size", style_size, "--batch-size", batch,
+    )  # fmt: skip
+    # Then the perceptual loss from the distilled weights, at the CPU fine-tune's lr.
+    fine_tune = (
+        *perceptual, "--name", "multistyle", *student, "--init-from", DISTILLED,
+        "--lr", "5e-4", "--warmup", "2" if dry_run else "50",
     )  # fmt: skip
 
     def sr(factor: int, loss: str, size: str) -> tuple[str, ...]:
@@ -104,8 +130,17 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
         return argv
 
     return [
-        Stage(TEACHER, multistyle, 0.38, ships=False),
-        Stage("multistyle", distill, 0.07, zoo="zoo-slim"),
+        Stage(TEACHER, teacher, 0.33, ships=False),
+        Stage(
+            DISTILLED,
+            distill,
+            0.06,
+            zoo="zoo-distill",
+            ships=False,
+            packed=False,
+            feeds="multistyle",
+        ),
+        Stage("multistyle", fine_tune, 0.07, zoo="zoo-slim", init_zoo="zoo-distill"),
         Stage("x4_pixel", sr(4, "pixel", x4_size), 0.10),
         Stage("x4", sr(4, "feat", x4_size), 0.175),
         Stage("x8_pixel", sr(8, "pixel", x8_size), 0.10),
@@ -123,6 +158,10 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+def _has_checkpoint(work: Path, name: str) -> bool:
+    return (work / "runs" / name / "checkpoint.safetensors").exists()
+
+
 def stage_settings(
     stage: Stage, work: Path, pack: Pack, device: str, extra: Sequence[str]
 ) -> TrainSettings:
@@ -134,10 +173,13 @@ def stage_settings(
     ]  # fmt: skip
     if stage.argv[0] == "distill":  # the teacher is another stage's, in the main zoo
         argv += ["--teacher-zoo", str(work / "zoo")]
+    source_zoo = work / (stage.init_zoo or stage.zoo)
+    if stage.init_zoo:
+        argv += ["--init-zoo", str(source_zoo)]
     settings = settings_from_args(build_parser().parse_args(argv))
     source = settings.init_from
-    fresh = not (runs / stage.name / "checkpoint.safetensors").exists()
-    if source and fresh and source not in read_manifest(zoo).names():
+    fresh = not _has_checkpoint(work, stage.name)
+    if source and fresh and source not in read_manifest(source_zoo).names():
         log.warning("%s: %s was not trained; starting from scratch", stage.name, source)
         settings.init_from = None
     return settings
@@ -177,6 +219,9 @@ def train(args: argparse.Namespace) -> int:
         budget = left * weights[0] / sum(weights)
         if budget < args.min_stage_s:
             log.warning("%s: skipped, %.0f s left", stage.name, left)
+            continue
+        if stage.feeds and _has_checkpoint(work, stage.feeds):
+            log.info("%s: skipped, %s already continues from it", stage.name, stage.feeds)
             continue
         options = StageOptions(
             budget_s=budget,
@@ -273,13 +318,15 @@ def export(args: argparse.Namespace) -> int:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack.open(args.pack)
-    runs = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
-    stages = {run.name: _stage(run.name, pack, args.dry_run) for run in runs}
+    every_run = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
+    stages = {run.name: _stage(run.name, pack, args.dry_run) for run in every_run}
     zoos = {name: stage.zoo if stage else "zoo" for name, stage in stages.items()}
+    runs = [run for run in every_run if stages[run.name] is None or stages[run.name].packed]
     for run in runs:
         if _needs_export(run, work / zoos[run.name]):
             _export_only(run.name, work, pack, args.dry_run)
-    reports = {run.name: read_stage(run) for run in runs}
+    # The summary reports every stage, an unpacked one too (its sha256 is in the lineage).
+    reports = {run.name: read_stage(run) for run in every_run}
     written = [pack_model(run.name, work, out, zoos[run.name]) for run in runs]
     summary: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -288,7 +335,9 @@ def export(args: argparse.Namespace) -> int:
         "pack": pack.describe(),
         "dry_run": args.dry_run,
         "models": {k: asdict(v) if v else None for k, v in reports.items()},
-        "teachers": sorted(n for n, stage in stages.items() if stage and not stage.ships),
+        "teachers": sorted(
+            n for n, stage in stages.items() if stage and not stage.ships and stage.packed
+        ),
         "files": [p.name for p in written if p is not None],
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
