@@ -35,6 +35,7 @@ from jobqueue.protocol import (
     JobStatus,
     Keys,
     ModelCost,
+    decode_costs,
 )
 
 _ENQUEUE_LUA = """
@@ -276,14 +277,8 @@ class JobQueue:
         """The workers' measured cost of each model (cached for ``max_age_s``)."""
         now = time.monotonic()
         if now - self._costs_read_at >= max_age_s:
-            raw = await self.redis.hgetall(self.keys.costs)
-            costs: dict[str, ModelCost] = {}
-            for name, value in raw.items():
-                try:
-                    costs[_text(name)] = ModelCost.decode(value)
-                except (ValueError, TypeError):
-                    continue
-            self._costs, self._costs_read_at = costs, now
+            self._costs = decode_costs(await self.redis.hgetall(self.keys.costs))
+            self._costs_read_at = now
         return self._costs
 
     async def ping(self) -> bool:

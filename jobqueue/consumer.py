@@ -36,6 +36,7 @@ from jobqueue.protocol import (
     Keys,
     Lane,
     ModelCost,
+    decode_costs,
 )
 
 DEAD_LETTER_MAXLEN = 1000
@@ -301,6 +302,10 @@ class Consumer:
         mapping = {cost.model: cost.encode() for cost in costs}
         if mapping:
             self.redis.hset(self.keys.costs, mapping=mapping)
+
+    def read_costs(self) -> dict[str, ModelCost]:
+        """The costs the deployment's workers published, by model (unreadable ones skipped)."""
+        return decode_costs(self.redis.hgetall(self.keys.costs))
 
     def close(self) -> None:
         self.redis.close()

@@ -369,6 +369,10 @@ class ModelCost:
     """The largest input side the worker runs whole; 0: it never tiles this model."""
     whole_max_pixels: int = 0
     """... unless the input has at most this many pixels (whole images in OpenVINO)."""
+    fingerprint: str = ""
+    """What the figure holds for (``worker.costs.fingerprint``: the weights, how the engine
+    runs them, on what hardware); a starting worker with the same one adopts the figure instead
+    of probing. Empty: not known, never adopted."""
 
     def tiled(self, width: int, height: int) -> bool:
         """Whether the worker runs a ``width`` x ``height`` input as tiles (``Engine.tiling``)."""
@@ -392,3 +396,15 @@ class ModelCost:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def decode_costs(raw: dict[Any, Any]) -> dict[str, ModelCost]:
+    """The costs hash (``Keys.costs``) by model; an entry that does not decode is skipped (a
+    newer or older worker may write fields this one does not know)."""
+    costs = {}
+    for name, value in raw.items():
+        try:
+            costs[name.decode() if isinstance(name, bytes) else str(name)] = ModelCost.decode(value)
+        except (ValueError, TypeError):
+            continue
+    return costs

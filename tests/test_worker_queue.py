@@ -21,11 +21,20 @@ import numpy as np
 import redis
 from PIL import Image
 
-from jobqueue.protocol import CONSUMER_GROUP, Job, JobResult, JobStatus, Keys
+from jobqueue.protocol import (
+    CONSUMER_GROUP,
+    Job,
+    JobResult,
+    JobStatus,
+    Keys,
+    ModelCost,
+    decode_costs,
+)
 from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model
+from worker.costs import fingerprint
 from worker.engine import Engine
-from worker.main import Worker
+from worker.main import Worker, build_engine
 from worker.settings import WorkerSettings
 
 from .conftest import NO_TILED_COST_PROBE
@@ -411,3 +420,67 @@ def test_batch_window_is_max_wait_ms_not_the_redis_timer_tick(
         ]
     finally:
         queue.redis.config_set("hz", hz)
+
+
+def test_a_starting_worker_adopts_the_cost_its_twin_published_and_probes_otherwise(
+    redis_server: str, tiny_zoo: Path
+) -> None:
+    """The cost probes are most of a CPU worker's start-up; a worker joining a deployment
+    takes the figure a worker with the same weights, runtime and hardware published (a probe
+    never times the same float twice), and probes whatever differs."""
+    queue = Queue(redis_server, "t-cost")
+
+    def worker(worker_id: str, **update: object) -> Worker:
+        settings = WorkerSettings(
+            _env_file=None,  # type: ignore[call-arg]
+            redis_url=redis_server, queue_prefix="t-cost", model_zoo_dir=tiny_zoo,
+            worker_id=worker_id, precision="fp32", tile_size=96, **update,
+        )  # fmt: skip
+        return Worker(settings, build_engine(settings))
+
+    def published() -> dict[str, ModelCost]:
+        return decode_costs(queue.redis.hgetall(queue.keys.costs))
+
+    first = worker("w-first")
+    names = first.engine.load(None)
+    first.measure_costs(names)
+    measured = published()
+    assert set(measured) == set(names)
+    for name in names:
+        assert measured[name].worker == "w-first" and measured[name].samples == 1
+        assert measured[name].fingerprint == fingerprint(first.engine, name)
+    assert any(cost.tiled_samples for cost in measured.values())  # the tiled probe ran
+
+    # A twin adopts every figure (and republishes it as its own, to be refined by its jobs).
+    twin = worker("w-twin")
+    twin.engine.load(None)
+    twin.measure_costs(names)
+    for name in names:
+        cost = twin.costs.get(name)
+        assert cost is not None and cost.worker == "w-twin"
+        assert cost.seconds_per_megapixel == measured[name].seconds_per_megapixel
+        assert cost.tiled_seconds_per_megapixel == measured[name].tiled_seconds_per_megapixel
+        assert published()[name].worker == "w-twin"
+
+    # A figure measured on other hardware (another fingerprint) is not adopted: probed again.
+    other = "tiny_style"
+    foreign = ModelCost(**vars(measured[other]) | {"fingerprint": "elsewhere", "worker": "w-x"})
+    queue.redis.hset(queue.keys.costs, other, foreign.encode())
+    third = worker("w-third")
+    third.engine.load(None)
+    third.measure_costs(names)
+    probed = third.costs.get(other)
+    assert probed is not None and probed.fingerprint == fingerprint(third.engine, other)
+    assert probed.seconds_per_megapixel != foreign.seconds_per_megapixel
+    adopted = [n for n in names if n != other]
+    for name in adopted:
+        assert third.costs.get(name).seconds_per_megapixel == measured[name].seconds_per_megapixel  # type: ignore[union-attr]
+
+    # And an operator may insist on probing.
+    stubborn = worker("w-stubborn", cost_probe_reuse=False)
+    stubborn.engine.load(None)
+    stubborn.measure_costs(names)
+    assert all(
+        stubborn.costs.get(n).seconds_per_megapixel != measured[n].seconds_per_megapixel  # type: ignore[union-attr]
+        for n in adopted
+    )

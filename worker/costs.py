@@ -8,17 +8,25 @@ from every batch big enough to be dominated by the forward passes rather than fi
 Images the worker tiles are measured and averaged apart
 (``ModelCost.tiled_seconds_per_megapixel``): on a CPU their cost per pixel is several times the
 whole-image one. Published to Redis by the heartbeat (``jobqueue.consumer.Consumer.publish_costs``).
+
+The probes are most of a CPU worker's start-up (on a 2-core CPU ~17 s per SR net, 72 of the 78 s
+before it serves), and a worker that joins a running deployment on the same hardware would
+measure what is already published. So each figure carries a :func:`fingerprint` of what it
+holds for, and a starting worker adopts a published figure with its own fingerprint instead of
+probing (``CostTracker.adopt``); its batches go on refining it as they would a probe's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 
 import numpy as np
 
 from jobqueue.protocol import ModelCost
+from model_zoo.hardware import hardware_description
 from worker.engine import Engine
 
 SMOOTHING = 0.3
@@ -53,9 +61,11 @@ class CostTracker:
         probe: bool = False,
         tiled: bool = False,
         tiling: tuple[int, int] | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         """A measurement: ``seconds`` of compute for ``output_pixels`` of ``model``'s output,
-        of tiled images when ``tiled``. ``tiling`` is the engine's rule (``Engine.tiling``)."""
+        of tiled images when ``tiled``. ``tiling`` is the engine's rule (``Engine.tiling``),
+        ``fingerprint`` what the figure holds for (:func:`fingerprint`)."""
         if output_pixels <= 0 or seconds <= 0:
             return
         if not probe and output_pixels < MIN_MEASURED_PIXELS:
@@ -70,6 +80,8 @@ class CostTracker:
                 )
             if tiling is not None:
                 current.tile_input_side, current.whole_max_pixels = tiling
+            if fingerprint is not None:
+                current.fingerprint = fingerprint
             if tiled:
                 current.tiled_seconds_per_megapixel = _averaged(
                     current.tiled_seconds_per_megapixel, current.tiled_samples, per_mpx, probe
@@ -81,6 +93,15 @@ class CostTracker:
                 )
                 current.samples += 1
             current.updated_at = time.time()
+            self._changed = True
+
+    def adopt(self, cost: ModelCost) -> None:
+        """Take another worker's figure as this worker's own (same fingerprint): its sample
+        counts come along, so this worker's batches refine it rather than replace it."""
+        with self._lock:
+            self._costs[cost.model] = ModelCost(
+                **vars(cost) | {"worker": self.worker_id, "device": self.device}
+            )
             self._changed = True
 
     def get(self, model: str) -> ModelCost | None:
@@ -122,3 +143,20 @@ def tiled_probe_side(engine: Engine, name: str, scale: float) -> int:
     if threshold == 0 or scale <= 1:
         return 0
     return int(threshold * scale) * engine.model(name).factor
+
+
+def fingerprint(engine: Engine, name: str) -> str:
+    """What ``name``'s cost figure depends on: its weights, the runtime, precision and float32
+    head the engine chose for them, the tiling rule and pixels per pass, and the hardware with
+    its thread count. Two workers that agree on all of it measure the same figure."""
+    model = engine.model(name)
+    parts = (
+        model.entry.sha256,
+        model.runtime,
+        model.precision,
+        model.full_precision_head,
+        engine.tiling(name),
+        engine.max_batch_pixels,
+        hardware_description(engine.device),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

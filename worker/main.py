@@ -50,12 +50,19 @@ import torch
 from pydantic import ValidationError
 
 from jobqueue.consumer import Consumer, Entry, Outcome
-from jobqueue.protocol import CONTENT_TYPES, OPERATIONS, Job, JobResult, JobStatus
+from jobqueue.protocol import (
+    CONTENT_TYPES,
+    OPERATIONS,
+    Job,
+    JobResult,
+    JobStatus,
+    ModelCost,
+)
 from jobqueue.settings import redacted_url
 from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
 from worker.batching import collect, fill
-from worker.costs import CostTracker, probe, tiled_probe_side
+from worker.costs import CostTracker, fingerprint, probe, tiled_probe_side
 from worker.encoding import EncodeOptions, encode
 from worker.engine import Engine, EngineOutput
 from worker.metrics import WorkerMetrics
@@ -198,18 +205,31 @@ class Worker:
 
     def measure_costs(self, names: list[str]) -> None:
         """Time one pass of each loaded model (``worker.costs.probe``) so the API can admit
-        jobs by cost before this worker has computed any."""
+        jobs by cost before this worker has computed any, unless a worker with the same
+        fingerprint already published the figure (``worker.costs``, module docstring)."""
+        published: dict[str, ModelCost] = {}
+        if self.settings.cost_probe_reuse:
+            try:
+                published = self.consumer.read_costs()
+            except redis.RedisError as exc:
+                log.warning("could not read the published costs (%s): probing", exc)
         for name in names:
             try:
                 tiling = self.engine.tiling(name)
-                seconds, pixels = probe(self.engine, name, self.settings.cost_probe_side)
-                self.costs.record(name, seconds, pixels, probe=True, tiling=tiling)
                 tiled_side = tiled_probe_side(
                     self.engine, name, self.settings.cost_probe_tiled_scale
                 )
-                if tiled_side:
-                    seconds, pixels = probe(self.engine, name, tiled_side, tiled=True)
-                    self.costs.record(name, seconds, pixels, probe=True, tiled=True)
+                mark = fingerprint(self.engine, name)
+                known = published.get(name)
+                if (
+                    known is not None
+                    and known.fingerprint == mark
+                    and (known.tiled_samples > 0 or not tiled_side)
+                ):
+                    self.costs.adopt(known)
+                    log.info("model %s: adopted the cost worker %s measured", name, known.worker)
+                else:
+                    self._probe_cost(name, tiling, tiled_side, mark)
             except Exception:  # a model that cannot be probed is still served
                 log.exception("could not measure the cost of %s", name)
                 continue
@@ -225,6 +245,14 @@ class Worker:
                 )
         with contextlib.suppress(redis.RedisError):
             self.consumer.publish_costs(self.costs.take_changes())
+
+    def _probe_cost(self, name: str, tiling: tuple[int, int], tiled_side: int, mark: str) -> None:
+        """Time ``name`` on a whole image and, where it tiles, on tiles."""
+        seconds, pixels = probe(self.engine, name, self.settings.cost_probe_side)
+        self.costs.record(name, seconds, pixels, probe=True, tiling=tiling, fingerprint=mark)
+        if tiled_side:
+            seconds, pixels = probe(self.engine, name, tiled_side, tiled=True)
+            self.costs.record(name, seconds, pixels, probe=True, tiled=True)
 
     def run(self) -> int:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)

@@ -140,6 +140,10 @@ class WorkerSettings(QueueSettings):
     cost_probe_tiled_scale: float = Field(1.25, ge=0, le=8)
     """The tiled probe's input side as a multiple of the tiling threshold (0: learn the tiled
     cost from jobs only; on a 2-core CPU the default probe takes ~7 s per style or SR net)."""
+    cost_probe_reuse: bool = True
+    """Adopt a cost another worker published for the same weights, runtime and hardware
+    instead of probing (``worker.costs``): a worker joining a deployment serves ~70 s sooner on
+    a 2-core CPU. False: always probe."""
     metrics_port: int = Field(9100, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
 
