@@ -9,7 +9,7 @@ Images the worker tiles are measured and averaged apart
 (``ModelCost.tiled_seconds_per_megapixel``): on a CPU their cost per pixel is several times the
 whole-image one. Published to Redis by the heartbeat (``jobqueue.consumer.Consumer.publish_costs``).
 
-The probes are most of a CPU worker's start-up (on a 2-core CPU ~17 s per SR net, 72 of the 78 s
+The probes are most of a CPU worker's start-up (on a 2-core CPU ~17 s per SR net, ~72 of ~77 s
 before it serves), and a worker that joins a running deployment on the same hardware would
 measure what is already published. So each figure carries a :func:`fingerprint` of what it
 holds for, and a starting worker adopts a published figure with its own fingerprint instead of
