@@ -39,6 +39,13 @@ from jobqueue.protocol import (
     decode_costs,
 )
 
+_RELEASE_IF_OWNER_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 DEAD_LETTER_MAXLEN = 1000
 DEAD_LETTER_MAX_PIXEL_BYTES = 4 << 20
 """Dead-lettered entries keep their pixels (for replaying) only up to this size."""
@@ -302,6 +309,20 @@ class Consumer:
         mapping = {cost.model: cost.encode() for cost in costs}
         if mapping:
             self.redis.hset(self.keys.costs, mapping=mapping)
+
+    def claim_cost_probe(self, model: str, fingerprint: str, ttl_ms: int) -> bool:
+        """Whether this worker is the one to probe ``model`` (nobody else is probing it)."""
+        key = self.keys.cost_probe(model, fingerprint)
+        return bool(self.redis.set(key, self.name, nx=True, px=ttl_ms))
+
+    def release_cost_probe(self, model: str, fingerprint: str) -> None:
+        """Let the claim go, if it is still this worker's (its TTL may have passed it on)."""
+        self.redis.eval(
+            _RELEASE_IF_OWNER_LUA, 1, self.keys.cost_probe(model, fingerprint), self.name
+        )
+
+    def cost_probe_held(self, model: str, fingerprint: str) -> bool:
+        return bool(self.redis.exists(self.keys.cost_probe(model, fingerprint)))
 
     def read_costs(self) -> dict[str, ModelCost]:
         """The costs the deployment's workers published, by model (unreadable ones skipped)."""

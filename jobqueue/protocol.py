@@ -92,6 +92,11 @@ class Keys:
         """Hash: model name -> ``ModelCost`` JSON, written by workers, read by the API."""
         return f"{self.prefix}:costs"
 
+    def cost_probe(self, model: str, fingerprint: str) -> str:
+        """Held (with a TTL) by the one worker probing ``model`` on hardware ``fingerprint``;
+        workers starting with it wait for its figure instead of probing at the same time."""
+        return f"{self.prefix}:costprobe:{model}:{fingerprint}"
+
     def result(self, job_id: str) -> str:
         return f"{self.prefix}:result:{job_id}"
 

@@ -484,3 +484,41 @@ def test_a_starting_worker_adopts_the_cost_its_twin_published_and_probes_otherwi
         stubborn.costs.get(n).seconds_per_megapixel != measured[n].seconds_per_megapixel  # type: ignore[union-attr]
         for n in adopted
     )
+
+
+def test_workers_starting_together_probe_each_model_once(redis_server: str, tiny_zoo: Path) -> None:
+    """``docker compose up --scale worker=2``: one worker claims each model's probe and the
+    other waits for its figure (probing at the same moment on shared cores would also inflate
+    both figures); the claims are released."""
+    queue = Queue(redis_server, "t-cost2")
+    workers = []
+    for worker_id in ("w-left", "w-right"):
+        settings = WorkerSettings(
+            _env_file=None,  # type: ignore[call-arg]
+            redis_url=redis_server, queue_prefix="t-cost2", model_zoo_dir=tiny_zoo,
+            worker_id=worker_id, precision="fp32", tile_size=96,
+        )  # fmt: skip
+        worker = Worker(settings, build_engine(settings))
+        names = worker.engine.load(None)
+        workers.append(worker)
+    together = threading.Barrier(len(workers))
+
+    def start(worker: Worker) -> None:
+        together.wait()  # both look for a published figure at the same moment
+        worker.measure_costs(names)
+
+    threads = [threading.Thread(target=start, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    left, right = workers
+    for name in names:
+        a, b = left.costs.get(name), right.costs.get(name)
+        assert a is not None and b is not None, name
+        # Exactly one of them timed it: the other holds the very same floats.
+        assert a.seconds_per_megapixel == b.seconds_per_megapixel, name
+        assert a.tiled_seconds_per_megapixel == b.tiled_seconds_per_megapixel, name
+        assert a.fingerprint == b.fingerprint == fingerprint(left.engine, name)
+    assert list(queue.redis.scan_iter(match="t-cost2:costprobe:*")) == []

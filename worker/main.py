@@ -50,14 +50,7 @@ import torch
 from pydantic import ValidationError
 
 from jobqueue.consumer import Consumer, Entry, Outcome
-from jobqueue.protocol import (
-    CONTENT_TYPES,
-    OPERATIONS,
-    Job,
-    JobResult,
-    JobStatus,
-    ModelCost,
-)
+from jobqueue.protocol import CONTENT_TYPES, OPERATIONS, Job, JobResult, JobStatus, ModelCost
 from jobqueue.settings import redacted_url
 from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
@@ -206,30 +199,12 @@ class Worker:
     def measure_costs(self, names: list[str]) -> None:
         """Time one pass of each loaded model (``worker.costs.probe``) so the API can admit
         jobs by cost before this worker has computed any, unless a worker with the same
-        fingerprint already published the figure (``worker.costs``, module docstring)."""
-        published: dict[str, ModelCost] = {}
-        if self.settings.cost_probe_reuse:
-            try:
-                published = self.consumer.read_costs()
-            except redis.RedisError as exc:
-                log.warning("could not read the published costs (%s): probing", exc)
+        fingerprint published the figure or is measuring it now (``worker.costs``, module
+        docstring). Each figure is published as soon as it is known: other starting workers
+        may be waiting for it."""
         for name in names:
             try:
-                tiling = self.engine.tiling(name)
-                tiled_side = tiled_probe_side(
-                    self.engine, name, self.settings.cost_probe_tiled_scale
-                )
-                mark = fingerprint(self.engine, name)
-                known = published.get(name)
-                if (
-                    known is not None
-                    and known.fingerprint == mark
-                    and (known.tiled_samples > 0 or not tiled_side)
-                ):
-                    self.costs.adopt(known)
-                    log.info("model %s: adopted the cost worker %s measured", name, known.worker)
-                else:
-                    self._probe_cost(name, tiling, tiled_side, mark)
+                self._measure_cost(name)
             except Exception:  # a model that cannot be probed is still served
                 log.exception("could not measure the cost of %s", name)
                 continue
@@ -243,8 +218,59 @@ class Worker:
                     cost.tile_input_side,
                     f"{cost.tiled_seconds_per_megapixel:.3f}" if cost.tiled_samples else "-",
                 )
-        with contextlib.suppress(redis.RedisError):
-            self.consumer.publish_costs(self.costs.take_changes())
+            with contextlib.suppress(redis.RedisError):
+                self.consumer.publish_costs(self.costs.take_changes())
+
+    def _measure_cost(self, name: str) -> None:
+        """Adopt a published figure for ``name`` with this worker's fingerprint; else claim
+        the probe, or wait (up to ``cost_probe_wait_s``) for the worker that claimed it."""
+        tiling = self.engine.tiling(name)
+        tiled_side = tiled_probe_side(self.engine, name, self.settings.cost_probe_tiled_scale)
+        mark = fingerprint(self.engine, name)
+        if not self.settings.cost_probe_reuse:
+            self._probe_cost(name, tiling, tiled_side, mark)
+            return
+        ttl_ms = max(1, int(self.settings.cost_probe_wait_s * 1000))
+        deadline = time.monotonic() + self.settings.cost_probe_wait_s
+
+        def published() -> ModelCost | None:
+            known = self.consumer.read_costs().get(name)
+            if known is None or known.fingerprint != mark:
+                return None
+            return known if known.tiled_samples > 0 or not tiled_side else None
+
+        claimed = False
+        while not self.stopping.is_set():
+            try:
+                known = published()
+                if known is None and self.consumer.claim_cost_probe(name, mark, ttl_ms):
+                    # Read again: the claim may have been free because its holder had just
+                    # published the figure and let go.
+                    known = published()
+                    claimed = known is None
+                    if not claimed:
+                        self.consumer.release_cost_probe(name, mark)
+            except redis.RedisError as exc:
+                log.warning("could not read or claim the cost of %s (%s): probing", name, exc)
+                break
+            if known is not None:
+                self.costs.adopt(known)
+                log.info("model %s: adopted the cost worker %s measured", name, known.worker)
+                return
+            if claimed or time.monotonic() >= deadline:
+                break
+            self.stopping.wait(0.25)  # another worker is probing it: wait for its figure
+        if self.stopping.is_set() and not claimed:
+            return
+        try:
+            self._probe_cost(name, tiling, tiled_side, mark)
+            if claimed:  # published before the claim goes, so no waiter finds neither
+                with contextlib.suppress(redis.RedisError):
+                    self.consumer.publish_costs(self.costs.take_changes())
+        finally:
+            if claimed:
+                with contextlib.suppress(redis.RedisError):
+                    self.consumer.release_cost_probe(name, mark)
 
     def _probe_cost(self, name: str, tiling: tuple[int, int], tiled_side: int, mark: str) -> None:
         """Time ``name`` on a whole image and, where it tiles, on tiles."""

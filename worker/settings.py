@@ -144,6 +144,10 @@ class WorkerSettings(QueueSettings):
     """Adopt a cost another worker published for the same weights, runtime and hardware
     instead of probing (``worker.costs``): a worker joining a deployment serves ~70 s sooner on
     a 2-core CPU. False: always probe."""
+    cost_probe_wait_s: float = Field(120.0, ge=0, le=3600)
+    """With reuse on, workers that start together do not all probe: one claims each model (a
+    Redis key with this TTL) and the others wait up to this long for its figure, then probe
+    themselves. Several probes at once on shared cores would also inflate every figure."""
     metrics_port: int = Field(9100, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
 
