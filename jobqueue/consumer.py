@@ -321,12 +321,11 @@ class Consumer:
             _RELEASE_IF_OWNER_LUA, 1, self.keys.cost_probe(model, fingerprint), self.name
         )
 
-    def cost_probe_held(self, model: str, fingerprint: str) -> bool:
-        return bool(self.redis.exists(self.keys.cost_probe(model, fingerprint)))
-
-    def read_costs(self) -> dict[str, ModelCost]:
-        """The costs the deployment's workers published, by model (unreadable ones skipped)."""
-        return decode_costs(self.redis.hgetall(self.keys.costs))
+    def read_cost(self, model: str) -> ModelCost | None:
+        """The cost the deployment's workers published for ``model`` (None: none, or one this
+        worker cannot read)."""
+        raw = self.redis.hget(self.keys.costs, model)
+        return decode_costs({model: raw}).get(model) if raw is not None else None
 
     def close(self) -> None:
         self.redis.close()

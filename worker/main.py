@@ -234,7 +234,7 @@ class Worker:
         deadline = time.monotonic() + self.settings.cost_probe_wait_s
 
         def published() -> ModelCost | None:
-            known = self.consumer.read_costs().get(name)
+            known = self.consumer.read_cost(name)
             if known is None or known.fingerprint != mark:
                 return None
             return known if known.tiled_samples > 0 or not tiled_side else None
