@@ -4,7 +4,10 @@
 #
 #   bash scripts/gpu_campaign.sh OUT_DIR [--budget-s S] [--dry-run] [--pack DIR] [--work DIR]
 #        [--export-s S] [training options: --stages a,b --share NAME=F
-#         --override NAME:--option=value --no-cuda-graphs ...]
+#         --override NAME:--option=value --warm-zoo DIR|none --no-cuda-graphs ...]
+#
+# Each stage continues the net of its name in --warm-zoo (default model_zoo, the shipped zoo)
+# where it fits (training/gpu/campaign.py); the log says which.
 #
 # On the device machine: run(command="bash scripts/gpu_campaign.sh $OUT --budget-s 540",
 #   carry=[".whl", ".pack"], timeout_s=600)   (README, "Training on a GPU")

@@ -19,8 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo.manifest import read_manifest
-from model_zoo.registry import load_model
+from model_zoo.config import MultiStyleNetConfig
+from model_zoo.manifest import StyleSlot, read_manifest
+from model_zoo.nets import build_net
+from model_zoo.registry import load_model, save_model
 from training.checkpoint import RunState
 from training.cli import build_parser, settings_from_args
 from training.gpu import campaign, travel
@@ -112,6 +114,10 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
         assert expected | {"checkpoint.safetensors", "stage.json"} <= members, members
         assert f"{name}:" in log  # its speed line was printed
     assert "TFLOP/s" in log
+    # The shipped pixel SR nets fit, so they are continued; the shipped multi-style net has
+    # other slots than the tiny pack's styles, so the teacher recipe trains one from nothing.
+    assert f"continuing x4_pixel, x8_pixel from {ROOT / 'model_zoo'}" in log
+    assert "multistyle: the teacher recipe" in log
 
     # The audit: both GPU-side processes ran under it, saw the real imports, and everything the
     # repository's modules imported is on the GPU image or travels as a wheel.
@@ -171,6 +177,9 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     x4 = zoo.get("x4")
     assert x4.training["init_from"] == "x4_pixel"
     assert x4.training["lineage"][-1]["sha256"] == summary["models"]["x4_pixel"]["sha256"]
+    shipped = read_manifest(ROOT / "model_zoo")
+    for name in ("x4_pixel", "x8_pixel"):  # continued from the shipped nets
+        assert zoo.get(name).training["lineage"][-1]["sha256"] == shipped.get(name).sha256
     assert "Set5" in x4.metrics["sr"]["sets"]  # evaluated after the import
     assert (docs / "eval_sr_gpu.md").read_text().count("x4") >= 1
     assert (docs / "gallery_styles.jpg").exists() and (docs / "gallery_sr.jpg").exists()
@@ -393,6 +402,64 @@ def test_the_distilled_student_is_skipped_once_its_fine_tune_has_begun(
         assert campaign.main(argv) == 0
     assert "multistyle_distilled: skipped, multistyle already continues from it" in caplog.text
     assert not (work / "runs" / campaign.DISTILLED).exists()
+
+
+def _warm_zoo(root: Path, slots: list[str]) -> Path:
+    """A zoo with a ``multistyle`` of the shipped shape whose style slots are ``slots``."""
+    arch = MultiStyleNetConfig(
+        num_styles=len(slots) + 1, channels=(8, 32, 32), num_residual=5, outer_kernel=5,
+        decoder_channels=(16, 8),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_model(
+        build_net(arch), name="multistyle", kind="style", arch=arch, root=root,
+        styles=[StyleSlot(name="identity", index=0, role="identity")]
+        + [StyleSlot(name=name, index=i + 1) for i, name in enumerate(slots)],
+    )  # fmt: skip
+    return root
+
+
+def test_the_shipped_student_is_continued_when_its_slots_fit(pack: Pack, tmp_path: Path) -> None:
+    """A lease is minutes: where the warm zoo's net has the pack's slots, the campaign spends
+    the multi-style time on it instead of on a teacher from nothing, and records its lineage."""
+    warm = _warm_zoo(tmp_path / "warm", list(pack.style_names))
+    stages = campaign.default_stages(pack, dry_run=True, warm_zoo=warm)
+    assert [s.name for s in stages][:2] == ["multistyle", "x4_pixel"]  # no teacher, no distill
+    assert stages[0].init_zoo == str(warm.resolve()) and stages[0].share == 0.46
+    # Another order of the same styles is no warm start (row i is slot i's style).
+    other = _warm_zoo(tmp_path / "other", list(reversed(pack.style_names)))
+    names = [s.name for s in campaign.default_stages(pack, dry_run=True, warm_zoo=other)]
+    assert names[:3] == [campaign.TEACHER, campaign.DISTILLED, "multistyle"]
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["train", "--pack", str(pack.root), "--work", str(work), "--dry-run",
+            "--device", "cpu", "--budget-s", "12", "--min-stage-s", "0", "--reserve-s", "2",
+            "--stages", "multistyle", "--warm-zoo", str(warm)]  # fmt: skip
+    assert campaign.main(argv) == 0
+    assert campaign.main(["export", "--pack", str(pack.root), "--work", str(work),
+                          "--out", str(out), "--dry-run"]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["multistyle.tar", "summary.json"]
+    assert summary["teachers"] == [] and summary["models"]["multistyle"]["iteration"] >= 1
+    entry = read_manifest(work / "zoo-slim").get("multistyle")
+    start = read_manifest(warm).get("multistyle")
+    assert entry.training["init_from"] == "multistyle"
+    assert entry.training["lineage"][-1]["sha256"] == start.sha256
+    assert entry.sha256 != start.sha256  # it trained
+
+
+def test_a_multistyle_start_with_other_slots_is_refused(pack: Pack, tmp_path: Path) -> None:
+    """``--init-from`` loads tables row by row: the same architecture with the styles in another
+    order would start every style from another's row."""
+    warm = _warm_zoo(tmp_path / "warm", list(reversed(pack.style_names)))
+    stage = next(
+        s for s in campaign.default_stages(pack, dry_run=True) if s.name == campaign.TEACHER
+    )
+    argv = [*stage.argv, *campaign.STUDENT_SHAPE, "--data", ".", "--init-from", "multistyle"]
+    task = task_for(settings_from_args(build_parser().parse_args(argv)))
+    entry = read_manifest(warm).get("multistyle")
+    with pytest.raises(ValueError, match="differ from this run's"):
+        task.init_from(task.build_net(), load_model("multistyle", root=warm), entry)
 
 
 # ---------------------------------------------------------------------------------- budgets

@@ -12,8 +12,9 @@ comes without warning, so everything is prepared on the CPU and rehearsed there:
 - ``training.gpu.objective``: each task's loss as a function with no host synchronisation (so
   a whole training step can be captured as one CUDA graph), checked equal to the task's own;
 - ``training.gpu.fastloop``: one model on a wall-clock budget, data resident on the device;
-- ``training.gpu.campaign``: the stages (the wide multi-style teacher, the shipped student
-  distilled from it, x4 and x8 SR), their budgets, and the
+- ``training.gpu.campaign``: the stages (the shipped multi-style student continued, or where
+  it does not fit a wide teacher and a student distilled from it; x4 and x8 SR, the pixel
+  nets continued from the shipped ones), their budgets, and the
   results packed into at most 8 files; ``training.gpu.results`` merges them into the zoo (or
   puts their checkpoints back for a resume).
 

@@ -24,6 +24,16 @@ ship (``Stage.ships``; the import keeps its tar under ``runs/`` for later studen
 distilled net does not come back at all (``Stage.packed``: its weights live on as the
 fine-tune's start, and eight files is all a call returns), and each trains into a zoo of its
 own (``Stage.zoo``): one zoo cannot offer the same style names twice.
+
+That recipe starts from nothing, and a lease is minutes: its teacher gets about as many images
+per style as the CPU's had, so the student it ends with would be about the one already shipped.
+So where the shipped zoo (``--warm-zoo``, default ``model_zoo``, which travels with the tree)
+holds a net a stage can start from (the same architecture; for the multi-style net the same
+slots in the same order: :func:`warm_source`), the stage continues it instead: ``multistyle``
+takes the three stages' time on the perceptual loss from the shipped student, and the pixel SR
+nets continue the shipped ones (the feature-loss nets start from those, as before). Every GPU
+second then adds to what the CPU trained; the teacher recipe remains for a pack whose styles
+the shipped net does not have (``--warm-zoo none`` forces it).
 """
 
 from __future__ import annotations
@@ -48,7 +58,9 @@ from model_zoo.manifest import read_manifest
 from training.cli import build_parser, settings_from_args
 from training.gpu.fastloop import StageOptions, StageReport, read_stage, train_stage, write_stage
 from training.gpu.pack import Pack
+from training.loop import task_for
 from training.settings import TrainSettings
+from training.tasks import MultiStyleTask
 
 log = logging.getLogger("training.gpu.campaign")
 
@@ -62,6 +74,14 @@ TEACHER = "multistyle_wide"
 DISTILLED = "multistyle_distilled"
 """The student as distilled, before its perceptual fine-tune (module docstring)."""
 OVERRIDES = "overrides.json"
+RECIPE = "recipe.json"
+"""The warm zoo the train step chose its stages with, so the export step sees the same ones."""
+STUDENT_SHAPE = (
+    "--channels", "8", "32", "32", "--num-residual", "5", "--outer-kernel", "5",
+    "--decoder-channels", "16", "8",
+)  # fmt: skip
+"""The shipped multi-style net's shape (distill's defaults: 8/32/32, 5 residual blocks, 5x5,
+16/8 decoder)."""
 
 
 @dataclass(frozen=True)
@@ -79,14 +99,41 @@ class Stage:
     packed: bool = True
     """False for an intermediate whose only use is the next stage's start: no tar of its own."""
     init_zoo: str | None = None
-    """The campaign folder's zoo ``--init-from`` reads (None: ``zoo``)."""
+    """The zoo ``--init-from`` reads: a campaign folder's, or an absolute path (the warm zoo);
+    None: ``zoo``."""
     feeds: str | None = None
     """The stage that starts from this one's weights: once that one has a checkpoint, this
     one is skipped on a resume (its time goes to the others)."""
 
 
-def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
-    """The zoo at its CPU settings (module docstring); the rehearsal shrinks sizes only."""
+def warm_source(argv: Sequence[str], pack: Pack, warm_zoo: Path | None) -> bool:
+    """Whether ``warm_zoo`` holds the model a stage (``argv``, named by its ``--name``) can
+    continue: the same architecture and, for a multi-style net, the same slots in order (a
+    table row trained for another painting would be a wrong start, not a warm one)."""
+    if warm_zoo is None:
+        return False
+    try:
+        manifest = read_manifest(warm_zoo)
+    except (OSError, ValueError):
+        return False
+    name = argv[list(argv).index("--name") + 1]
+    if name not in manifest.names():
+        return False
+    entry = manifest.get(name)
+    task = task_for(settings_from_args(build_parser().parse_args([*argv, "--data", "."])))
+    if entry.arch != task.architecture():
+        return False
+    if isinstance(task, MultiStyleTask):
+        slots = [(slot.name, slot.role) for slot in task.slots()]
+        return [(slot.name, slot.role) for slot in entry.styles] == slots
+    return True
+
+
+def default_stages(
+    pack: Pack, *, dry_run: bool = False, warm_zoo: Path | None = None
+) -> list[Stage]:
+    """The zoo at its CPU settings (module docstring); the rehearsal shrinks sizes only.
+    ``warm_zoo``: continue the nets it holds where they fit (module docstring)."""
     styles = [f"{name}={pack.style_path(name)}" for name in pack.style_names]
     style_size, x4_size, x8_size, batch = (
         ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "16")
@@ -101,12 +148,8 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
     if dry_run:  # the 512 px style Grams are most of a CPU rehearsal's setup
         perceptual = (*perceptual, "--style-size", "64")
     teacher = (*perceptual, "--name", TEACHER, "--warmup", "2" if dry_run else "200")
-    # The shipped shape (distill's defaults: 8/32/32, 5 residual blocks, 5x5, 16/8 decoder) at
-    # the CPU distillation's settings; the campaign adds --teacher-zoo.
-    student = (
-        "--channels", "8", "32", "32", "--num-residual", "5", "--outer-kernel", "5",
-        "--decoder-channels", "16", "8",
-    )  # fmt: skip
+    # The shipped shape at the CPU distillation's settings; the campaign adds --teacher-zoo.
+    student = STUDENT_SHAPE
     distill = (
         "distill", "--teacher", TEACHER, "--name", DISTILLED, *student,
         "--warmup", "2" if dry_run else "100", "--saturation-penalty", "10",
@@ -118,33 +161,47 @@ def default_stages(pack: Pack, *, dry_run: bool = False) -> list[Stage]:
         "--lr", "5e-4", "--warmup", "2" if dry_run else "50",
     )  # fmt: skip
 
-    def sr(factor: int, loss: str, size: str) -> tuple[str, ...]:
+    # Or the shipped student itself, on the same objective and lr (module docstring).
+    continued = (*perceptual, "--name", "multistyle", *student, "--init-from", "multistyle",
+                 "--lr", "5e-4", "--warmup", "2" if dry_run else "50")  # fmt: skip
+    warm = str(warm_zoo.resolve()) if warm_zoo is not None else None
+
+    def sr(factor: int, loss: str, size: str) -> Stage:
         name = f"x{factor}" if loss == "feat" else f"x{factor}_pixel"
         argv = (
             "sr", "--name", name, "--factor", str(factor), "--loss", loss,
             "--output", "bicubic_residual", "--lr", "1e-4",
             "--image-size", size, "--batch-size", batch,
         )  # fmt: skip
-        if loss == "feat":
+        share = 0.175 if loss == "feat" else 0.10
+        if loss == "feat":  # from this campaign's pixel net
             argv += ("--pixel-weight", "1e7", "--init-from", f"x{factor}_pixel")
-        return argv
+        elif warm_source(argv, pack, warm_zoo):
+            return Stage(name, (*argv, "--init-from", name), share, init_zoo=warm)
+        return Stage(name, argv, share)
 
+    if warm_source(continued, pack, warm_zoo):
+        multistyle = [Stage("multistyle", continued, 0.46, zoo="zoo-slim", init_zoo=warm)]
+    else:
+        multistyle = [
+            Stage(TEACHER, teacher, 0.33, ships=False),
+            Stage(
+                DISTILLED,
+                distill,
+                0.06,
+                zoo="zoo-distill",
+                ships=False,
+                packed=False,
+                feeds="multistyle",
+            ),
+            Stage("multistyle", fine_tune, 0.07, zoo="zoo-slim", init_zoo="zoo-distill"),
+        ]
     return [
-        Stage(TEACHER, teacher, 0.33, ships=False),
-        Stage(
-            DISTILLED,
-            distill,
-            0.06,
-            zoo="zoo-distill",
-            ships=False,
-            packed=False,
-            feeds="multistyle",
-        ),
-        Stage("multistyle", fine_tune, 0.07, zoo="zoo-slim", init_zoo="zoo-distill"),
-        Stage("x4_pixel", sr(4, "pixel", x4_size), 0.10),
-        Stage("x4", sr(4, "feat", x4_size), 0.175),
-        Stage("x8_pixel", sr(8, "pixel", x8_size), 0.10),
-        Stage("x8", sr(8, "feat", x8_size), 0.175),
+        *multistyle,
+        sr(4, "pixel", x4_size),
+        sr(4, "feat", x4_size),
+        sr(8, "pixel", x8_size),
+        sr(8, "feat", x8_size),
     ]
 
 
@@ -191,7 +248,14 @@ def train(args: argparse.Namespace) -> int:
     end = started + budget
     pack = Pack.open(args.pack)
     work = Path(args.work)
-    stages = default_stages(pack, dry_run=args.dry_run)
+    work.mkdir(parents=True, exist_ok=True)
+    warm_zoo = None if args.warm_zoo in ("", "none") else Path(args.warm_zoo).resolve()
+    (work / RECIPE).write_text(json.dumps({"warm_zoo": str(warm_zoo) if warm_zoo else None}))
+    stages = default_stages(pack, dry_run=args.dry_run, warm_zoo=warm_zoo)
+    continued = [s.name for s in stages if s.init_zoo and Path(s.init_zoo).is_absolute()]
+    log.info("continuing %s from %s", ", ".join(continued) or "nothing", warm_zoo)
+    if any(s.name == TEACHER for s in stages):
+        log.info("multistyle: the teacher recipe (no net in the warm zoo has this pack's slots)")
     if args.stages:
         wanted = args.stages.split(",")
         stages = [s for s in stages if s.name in wanted]
@@ -201,7 +265,6 @@ def train(args: argparse.Namespace) -> int:
         name, _, option = item.partition(":")
         overrides.setdefault(name, []).append(option)
     # The export step re-creates a killed stage's settings: it must see the same overrides.
-    work.mkdir(parents=True, exist_ok=True)
     (work / OVERRIDES).write_text(json.dumps(overrides))
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -263,12 +326,16 @@ def _needs_export(run: Path, zoo: Path) -> bool:
     return not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime
 
 
-def _stage(name: str, pack: Pack, dry_run: bool) -> Stage | None:
-    return next((s for s in default_stages(pack, dry_run=dry_run) if s.name == name), None)
+def _stage(name: str, work: Path, pack: Pack, dry_run: bool) -> Stage | None:
+    """The stage as the train step chose it (its warm zoo recorded in ``RECIPE``)."""
+    recipe = work / RECIPE
+    warm = json.loads(recipe.read_text()).get("warm_zoo") if recipe.exists() else None
+    stages = default_stages(pack, dry_run=dry_run, warm_zoo=Path(warm) if warm else None)
+    return next((s for s in stages if s.name == name), None)
 
 
 def _export_only(name: str, work: Path, pack: Pack, dry_run: bool) -> None:
-    stage = _stage(name, pack, dry_run)
+    stage = _stage(name, work, pack, dry_run)
     if stage is None:
         return
     path = work / OVERRIDES
@@ -319,7 +386,7 @@ def export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack.open(args.pack)
     every_run = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
-    stages = {run.name: _stage(run.name, pack, args.dry_run) for run in every_run}
+    stages = {run.name: _stage(run.name, work, pack, args.dry_run) for run in every_run}
     zoos = {name: stage.zoo if stage else "zoo" for name, stage in stages.items()}
     runs = [run for run in every_run if stages[run.name] is None or stages[run.name].packed]
     for run in runs:
@@ -374,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         "--deadline", type=float, help="Unix time by which training ends (startup included)"
     )
     t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--warm-zoo",
+        default="model_zoo",
+        help="continue the nets this zoo holds where they fit (module docstring); none: never",
+    )
     t.add_argument("--stages", default="", help="comma list (default: all)")
     t.add_argument("--share", nargs="*", default=[], metavar="NAME=F")
     t.add_argument(
