@@ -36,9 +36,15 @@ from model_zoo.reference import run_model
 
 log = logging.getLogger("evaluation.gallery")
 
-KODAK = Path(__file__).resolve().parent.parent.parent / "shared/data/train/kodak_nonholdout"
-DEFAULT_STYLE_PHOTOS = [KODAK / "kodim15.jpg", KODAK / "kodim21.jpg", KODAK / "kodim08.jpg"]
-DEFAULT_SR_PHOTOS = [KODAK / "kodim08.jpg", KODAK / "kodim15.jpg"]
+HELD_OUT = Path(__file__).resolve().parent / "photos"
+"""Photos no net trained on, free to show (``photos/README.md``): a gallery of training photos
+would flatter every model (the Kodak images it used until 2026-12-03 are in the training set)."""
+DEFAULT_STYLE_PHOTOS = [
+    HELD_OUT / "astronaut.jpg",
+    HELD_OUT / "chelsea.jpg",
+    HELD_OUT / "coffee.jpg",
+]
+DEFAULT_SR_PHOTOS = [HELD_OUT / "coffee.jpg", HELD_OUT / "astronaut.jpg"]
 LABEL_HEIGHT = 18
 BACKGROUND = (255, 255, 255)
 

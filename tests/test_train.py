@@ -266,11 +266,18 @@ def test_fine_tuned_models_record_the_runs_behind_their_weights(
     assert first["sha256"] == parent.sha256 and first["iterations"] == 2
     assert first["loss"] == "pixel" and first["hardware"] == parent.hardware
     assert child.iterations == 3 and child.training["total_iterations"] == 5
+    # A resume need not repeat --init-from: the checkpoint remembers the parent.
+    run(_sr_args(photo_dir, tmp_path, "px", "--iterations", "4", "--resume"))
+    resumed = read_manifest(zoo).get("px")
+    assert resumed.training["init_from"] == "px" and resumed.training["lineage"][0] == first
     # The chain grows across names: a third run inherits both earlier runs.
     run(_sr_args(photo_dir, tmp_path, "ft", "--init-from", "px", "--iterations", "1"))
     grandchild = read_manifest(zoo).get("ft")
-    assert [r["sha256"] for r in grandchild.training["lineage"]] == [parent.sha256, child.sha256]
-    assert grandchild.training["total_iterations"] == 6
+    assert [r["sha256"] for r in grandchild.training["lineage"]] == [
+        parent.sha256,
+        resumed.sha256,
+    ]
+    assert grandchild.training["total_iterations"] == 7
 
 
 def test_init_from_a_model_of_another_architecture_is_refused(

@@ -24,6 +24,9 @@ class RunState:
     elapsed_s: float = 0.0
     """Training time of the sessions before this one (the checkpoint's total at resume)."""
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    init_from: str | None = None
+    """The zoo model the run started from: a ``--resume`` need not repeat ``--init-from``, and
+    the exported entry must still name its parent (session 13's resumed fine-tune lost it)."""
 
 
 def _optimizer_tensors(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -59,6 +62,7 @@ def save_checkpoint(
         "history": state.history,
         "elapsed_s": elapsed_s,
         "lineage": state.lineage,
+        "init_from": state.init_from,
     }
     meta_tmp = path.with_suffix(".json.tmp")
     meta_tmp.write_text(json.dumps(meta))
@@ -93,6 +97,7 @@ def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
         phases=list(meta.get("phases", [])),
         elapsed_s=float(meta.get("elapsed_s", 0.0)),
         lineage=list(meta.get("lineage", [])),
+        init_from=meta.get("init_from"),
     )
 
 

@@ -83,6 +83,7 @@ def start_run(task: TrainingTask, device: torch.device) -> tuple[nn.Module, RunS
         )
         task.init_from(net, source, source_entry)
         state.lineage = manifest.lineage_of(source_entry)
+        state.init_from = settings.init_from
     # channels_last: oneDNN and cuDNN both run these convs fastest in NHWC (the VGG forward
     # 4.5x faster on a 2-core AVX-512 CPU).
     net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -213,6 +214,7 @@ def export(
     record: dict[str, Any] = {
         k: v for k, v in asdict(settings).items() if k not in RUNTIME_ONLY
     } | {
+        "init_from": settings.init_from or state.init_from,
         "precision": compute.precision,
         "optimizer": "Adam",
         "interrupted": interrupted,
