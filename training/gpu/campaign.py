@@ -106,7 +106,7 @@ class Stage:
     one is skipped on a resume (its time goes to the others)."""
 
 
-def warm_source(argv: Sequence[str], pack: Pack, warm_zoo: Path | None) -> bool:
+def warm_source(argv: Sequence[str], warm_zoo: Path | None) -> bool:
     """Whether ``warm_zoo`` holds the model a stage (``argv``, named by its ``--name``) can
     continue: the same architecture and, for a multi-style net, the same slots in order (a
     table row trained for another painting would be a wrong start, not a warm one)."""
@@ -176,11 +176,11 @@ def default_stages(
         share = 0.175 if loss == "feat" else 0.10
         if loss == "feat":  # from this campaign's pixel net
             argv += ("--pixel-weight", "1e7", "--init-from", f"x{factor}_pixel")
-        elif warm_source(argv, pack, warm_zoo):
+        elif warm_source(argv, warm_zoo):
             return Stage(name, (*argv, "--init-from", name), share, init_zoo=warm)
         return Stage(name, argv, share)
 
-    if warm_source(continued, pack, warm_zoo):
+    if warm_source(continued, warm_zoo):
         multistyle = [Stage("multistyle", continued, 0.46, zoo="zoo-slim", init_zoo=warm)]
     else:
         multistyle = [
