@@ -214,7 +214,7 @@ def export(
     record: dict[str, Any] = {
         k: v for k, v in asdict(settings).items() if k not in RUNTIME_ONLY
     } | {
-        "init_from": settings.init_from or state.init_from,
+        "init_from": state.init_from or settings.init_from,  # a resume ignores the flag
         "precision": compute.precision,
         "optimizer": "Adam",
         "interrupted": interrupted,

@@ -60,7 +60,6 @@ from training.gpu.fastloop import StageOptions, StageReport, read_stage, train_s
 from training.gpu.pack import Pack
 from training.loop import task_for
 from training.settings import TrainSettings
-from training.tasks import MultiStyleTask
 
 log = logging.getLogger("training.gpu.campaign")
 
@@ -119,14 +118,8 @@ def warm_source(argv: Sequence[str], warm_zoo: Path | None) -> bool:
     name = argv[list(argv).index("--name") + 1]
     if name not in manifest.names():
         return False
-    entry = manifest.get(name)
     task = task_for(settings_from_args(build_parser().parse_args([*argv, "--data", "."])))
-    if entry.arch != task.architecture():
-        return False
-    if isinstance(task, MultiStyleTask):
-        slots = [(slot.name, slot.role) for slot in task.slots()]
-        return [(slot.name, slot.role) for slot in entry.styles] == slots
-    return True
+    return task.start_mismatch(manifest.get(name)) is None
 
 
 def default_stages(
@@ -326,18 +319,16 @@ def _needs_export(run: Path, zoo: Path) -> bool:
     return not weights.exists() or weights.stat().st_mtime < checkpoint.stat().st_mtime
 
 
-def _stage(name: str, work: Path, pack: Pack, dry_run: bool) -> Stage | None:
-    """The stage as the train step chose it (its warm zoo recorded in ``RECIPE``)."""
+def _recorded_stages(work: Path, pack: Pack, dry_run: bool) -> dict[str, Stage]:
+    """The stages as the train step chose them (its warm zoo recorded in ``RECIPE``)."""
     recipe = work / RECIPE
     warm = json.loads(recipe.read_text()).get("warm_zoo") if recipe.exists() else None
     stages = default_stages(pack, dry_run=dry_run, warm_zoo=Path(warm) if warm else None)
-    return next((s for s in stages if s.name == name), None)
+    return {stage.name: stage for stage in stages}
 
 
-def _export_only(name: str, work: Path, pack: Pack, dry_run: bool) -> None:
-    stage = _stage(name, work, pack, dry_run)
-    if stage is None:
-        return
+def _export_only(stage: Stage, work: Path, pack: Pack) -> None:
+    name = stage.name
     path = work / OVERRIDES
     extra = json.loads(path.read_text()).get(name, []) if path.exists() else []
     for device in ("auto", "cpu"):  # a broken GPU context must not cost the model
@@ -386,12 +377,14 @@ def export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pack = Pack.open(args.pack)
     every_run = sorted(p for p in (work / "runs").glob("*") if p.is_dir())
-    stages = {run.name: _stage(run.name, work, pack, args.dry_run) for run in every_run}
+    recorded = _recorded_stages(work, pack, args.dry_run)
+    stages = {run.name: recorded.get(run.name) for run in every_run}
     zoos = {name: stage.zoo if stage else "zoo" for name, stage in stages.items()}
     runs = [run for run in every_run if stages[run.name] is None or stages[run.name].packed]
     for run in runs:
-        if _needs_export(run, work / zoos[run.name]):
-            _export_only(run.name, work, pack, args.dry_run)
+        stage = stages[run.name]
+        if stage is not None and _needs_export(run, work / zoos[run.name]):
+            _export_only(stage, work, pack)
     # The summary reports every stage, an unpacked one too (its sha256 is in the lineage).
     reports = {run.name: read_stage(run) for run in every_run}
     written = [pack_model(run.name, work, out, zoos[run.name]) for run in runs]

@@ -67,13 +67,18 @@ class TrainingTask(ABC, Generic[S]):
     def build_net(self) -> nn.Module:
         return build_net(self.architecture())
 
-    def init_from(self, net: nn.Module, source: nn.Module, entry: ModelEntry) -> None:
-        """Start from a zoo model's weights; the architectures must be the same."""
+    def start_mismatch(self, entry: ModelEntry) -> str | None:
+        """Why this run's net cannot start from ``entry``'s weights (None: it can). One check
+        for ``--init-from`` and for the GPU campaign's choice of what to continue."""
         if entry.arch != self.architecture():
-            raise ValueError(
-                f"--init-from {entry.name}: its architecture {entry.arch} differs from this "
-                f"run's {self.architecture()}"
-            )
+            return f"its architecture {entry.arch} differs from this run's {self.architecture()}"
+        return None
+
+    def init_from(self, net: nn.Module, source: nn.Module, entry: ModelEntry) -> None:
+        """Start from a zoo model's weights (refused where :meth:`start_mismatch` says why)."""
+        mismatch = self.start_mismatch(entry)
+        if mismatch:
+            raise ValueError(f"--init-from {entry.name}: {mismatch}")
         net.load_state_dict(source.state_dict())
 
     def trainable_parameters(self, net: nn.Module) -> Iterable[nn.Parameter]:

@@ -181,17 +181,17 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
             slots.append(self.new_slot(name, path, len(slots)))
         return slots
 
-    def init_from(self, net: nn.Module, source: nn.Module, entry: ModelEntry) -> None:
+    def start_mismatch(self, entry: ModelEntry) -> str | None:
         """Row i of the tables is slot i's style: a start whose slots differ in name or order
-        would train every style from another's row, so it is refused, not loaded."""
+        would train every style from another's row."""
         ours = [(slot.name, slot.role) for slot in self.slots()]
         theirs = [(slot.name, slot.role) for slot in entry.styles]
         if ours != theirs:
-            raise ValueError(
-                f"--init-from {entry.name}: its slots {[n for n, _ in theirs]} differ from this "
-                f"run's {[n for n, _ in ours]} (same names, same order)"
+            return (
+                f"its slots {[n for n, _ in theirs]} differ from this run's "
+                f"{[n for n, _ in ours]} (same names, same order)"
             )
-        super().init_from(net, source, entry)
+        return super().start_mismatch(entry)
 
     def new_slot(self, name: str, path: str, index: int) -> StyleSlot:
         """The slot of a style trained by this run (its image and weight from the settings)."""
