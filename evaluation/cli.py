@@ -7,6 +7,9 @@
     (``evaluation.style``).
 ``gallery``
     the pictures in ``docs/`` that show what the zoo does (``evaluation.gallery``).
+``gate --model multistyle --candidate-zoo DIR``
+    would DIR's net replace the zoo's of that name? (``evaluation.gate``, what imports and
+    promotions ask; exit 1 when it would be refused).
 
 Results go into the manifest's ``metrics`` and a Markdown table. Iteration counts, image counts
 and precisions are options so a short version runs on a CPU.
@@ -32,6 +35,7 @@ from evaluation.common import (
     write_outputs,
 )
 from evaluation.droplets import droplets_markdown, evaluate_droplets, store_droplet_metrics
+from evaluation.gate import DEFAULT_GATE_PHOTOS, GateSettings, check_replacement
 from evaluation.sr import evaluate_sr, sr_markdown, store_sr_metrics, summarise_sr
 from evaluation.style import (
     DEFAULT_CHECKPOINTS,
@@ -41,7 +45,7 @@ from evaluation.style import (
     style_markdown,
 )
 from model_zoo.hardware import auto_precision
-from model_zoo.manifest import read_manifest
+from model_zoo.manifest import read_manifest, zoo_dir
 from training.data import find_images
 
 log = logging.getLogger("evaluation")
@@ -137,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--sizes", nargs="+", type=int, default=[512, 1024], help="longer side (px)")
     dr.add_argument("--examples", type=Path, default=None, help="save each worst case, marked")
 
+    gate = tasks.add_parser("gate", help="is a new net not worse than the zoo's of its name?")
+    gate.add_argument("--model", required=True, help="the model name in both zoos")
+    gate.add_argument("--candidate-zoo", type=Path, required=True, help="zoo holding the new net")
+    gate.add_argument("--zoo", type=Path, default=None, help="the shipped zoo (default: ours)")
+    gate.add_argument("--photos", type=Path, default=DEFAULT_GATE_PHOTOS, help="held-out photos")
+    gate.add_argument("--style-size", type=int, default=GateSettings.style_size)
+    gate.add_argument("--droplet-size", type=int, default=GateSettings.droplet_size)
+    gate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     pictures = tasks.add_parser(
         "gallery", help="the gallery pictures in docs/", description=gallery.__doc__
     )
@@ -149,6 +162,19 @@ def run(args: argparse.Namespace) -> int:
         return gallery.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.task == "gate":
+        verdict = check_replacement(
+            args.model,
+            args.candidate_zoo,
+            zoo_dir(args.zoo),
+            GateSettings(
+                photos=args.photos, style_size=args.style_size, droplet_size=args.droplet_size
+            ),
+        )
+        for comparison in verdict.comparisons:
+            print(comparison.line())
+        print(f"{args.model}: {'accepted' if verdict.accepted else 'REFUSED'}: {verdict.reason()}")
+        return 0 if verdict.accepted else 1
     device = torch.device(args.device)
     protocol = protocol_record(device)
     if args.task == "droplets":

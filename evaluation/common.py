@@ -56,6 +56,30 @@ class StyleUnderTest:
         return self.slot.metrics if self.slot is not None else self.entry.metrics
 
 
+def one_hot_row(entry: ModelEntry, index: int | None, device: torch.device) -> torch.Tensor | None:
+    """A multi-style net's 1 x S selection of slot ``index``; None for a single-style net."""
+    if index is None or not isinstance(entry.arch, MultiStyleNetConfig):
+        return None
+    row = torch.zeros(1, entry.arch.num_styles, device=device)
+    row[0, index] = 1.0
+    return row
+
+
+def styles_of_model(
+    net: nn.Module, entry: ModelEntry, device: torch.device | None = None
+) -> list[StyleUnderTest]:
+    """Every style a loaded style net can paint, private slots included (a net about to replace
+    another is compared slot by slot, before anyone decides which slots it offers)."""
+    device = device or torch.device("cpu")
+    if not entry.styles:
+        return [StyleUnderTest(entry.name, net, entry)]
+    return [
+        StyleUnderTest(slot.name, net, entry, slot, one_hot_row(entry, slot.index, device))
+        for slot in entry.styles
+        if slot.role == "style"
+    ]
+
+
 def load_styles(
     names: list[str] | None, root: str | None, device: torch.device
 ) -> list[StyleUnderTest]:
@@ -82,11 +106,7 @@ def load_styles(
             loaded[ref.model] = load_model_of_kind(ref.model, "style", root, device)
         net, entry = loaded[ref.model]
         slot = next((s for s in entry.styles if s.index == ref.index), None)
-        row = None
-        if ref.index is not None and isinstance(entry.arch, MultiStyleNetConfig):
-            row = torch.zeros(1, entry.arch.num_styles, device=device)
-            row[0, ref.index] = 1.0
-        styles.append(StyleUnderTest(name, net, entry, slot, row))
+        styles.append(StyleUnderTest(name, net, entry, slot, one_hot_row(entry, ref.index, device)))
     return styles
 
 

@@ -4,11 +4,14 @@
 #   bash scripts/gpu_import.sh DIR [--zoo model_zoo] [--docs docs] [--runs runs/gpu]
 #        [--quick] [--no-eval] [--sr-data DIR] [--held-out DIR] [--photos P...]
 #        [--sr-photos P...]
-#        [--public-slots] [--keep-fp32]
+#        [--public-slots] [--keep-fp32] [--force] [--gate-photos DIR]
 #
 # DIR holds what the campaign left in its OUT_DIR (the device tool's files_at). Steps:
 #   1. python -m training.gpu.results import: each tar unpacked under --runs (sample grids and
-#      loss curves to look at), weights checked against their entry's sha256, copied into the
+#      loss curves to look at), weights checked against their entry's sha256; the gate
+#      (evaluation/gate.py) compares each net with the zoo's net of its name on held-out photos
+#      (--gate-photos, default evaluation/photos; --quick: at 64 px) and a worse one is refused
+#      (the zoo keeps its own; --force merges it anyway); the others copied into the
 #      zoo, entries upserted (hardware, iterations, wall time, data pack, lineage), weights
 #      stored in fp16 where within 40 dB of fp32; a multi-style slot whose name another model
 #      already offers stays private unless --public-slots; a teacher (summary.json's
@@ -51,12 +54,14 @@ while [ $# -gt 0 ]; do
         --no-eval) EVAL=0; shift ;;
         --sr-data) SR_DATA=$2; shift 2 ;;
         --held-out) HELD_OUT=$2; shift 2 ;;
-        --public-slots|--keep-fp32) IMPORT_FLAGS+=("$1"); shift ;;
+        --public-slots|--keep-fp32|--force) IMPORT_FLAGS+=("$1"); shift ;;
+        --gate-photos) IMPORT_FLAGS+=("$1" "$2"); shift 2 ;;
         --photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do PHOTOS+=("$1"); shift; done ;;
         --sr-photos) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do SR_PHOTOS+=("$1"); shift; done ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
+[ "$QUICK" = 1 ] && IMPORT_FLAGS+=(--gate-style-size 64 --gate-droplet-size 64)
 names=$(mktemp)
 trap 'rm -f "$names"' EXIT
 "$PY" -m training.gpu.results import "$DIR" --zoo "$ZOO" --runs "$RUNS" --names-out "$names" \

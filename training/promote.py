@@ -8,7 +8,10 @@ single-style net of that name stays the served one) and retire single-style nets
 slots replace (``--retire``), all in one validated manifest write. The identity slot's
 fidelity (PSNR of its output against the photo) is measured on the way and recorded in its
 metrics: ``strength`` uses the slot only if it gives the photo back
-(``model_zoo.manifest.ModelEntry.strength_identity_index``). The promoted weights are then
+(``model_zoo.manifest.ModelEntry.strength_identity_index``). A net that would replace the
+shipped net of its name must pass the gate first (``evaluation.gate``: not worse on held-out
+photos; ``--force`` promotes it anyway, and the entry's ``training.gate`` records either way).
+The promoted weights are then
 stored in fp16 as the rest of the zoo is (``training.storage``: only if the outputs stay
 within 40 dB of fp32; otherwise they stay fp32 and the command says so); ``--keep-fp32``
 skips it.
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 
+from evaluation.gate import GateSettings, check_replacement
 from model_zoo.manifest import (
     IDENTITY_MIN_PSNR_DB,
     Manifest,
@@ -38,6 +42,10 @@ from model_zoo.manifest import (
 )
 from model_zoo.registry import ModelNotFoundError, load_model, sha256_file
 from training.storage import DEFAULT_PHOTOS, PROBE_SIDE, StorageRefused, probes, store_half
+
+
+class ReplacementRefused(ValueError):
+    """The gate found the net worse than the one it would replace."""
 
 
 def identity_fidelity(source: Path, name: str) -> dict[str, Any] | None:
@@ -72,6 +80,8 @@ def promote(
     private: list[str] | None = None,
     retire: list[str] | None = None,
     description: str | None = None,
+    gate: GateSettings | None = None,
+    force: bool = False,
 ) -> ModelEntry:
     """Copy ``name`` from the zoo ``source`` into ``target`` (see the module docstring).
 
@@ -96,6 +106,12 @@ def promote(
     for slot in entry.styles:
         if slot.name in private:
             slot.public = False
+    verdict = check_replacement(name, source, target, gate)
+    if not verdict.accepted and not force:
+        raise ReplacementRefused(
+            f"{name} would replace a better net: {verdict.reason()} (--force to promote it anyway)"
+        )
+    entry.training = {**entry.training, "gate": verdict.record() | {"forced": not verdict.accepted}}
     fidelity = identity_fidelity(source, name)
     for slot in entry.styles:
         if slot.role == "identity" and fidelity is not None:
@@ -133,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         "--description", default=None, help="what the model is (required if the run has none)"
     )
     parser.add_argument("--keep-fp32", action="store_true", help="do not store the weights in fp16")
+    parser.add_argument(
+        "--force", action="store_true", help="promote even a net the gate finds worse"
+    )
+    parser.add_argument(
+        "--gate-photos", type=Path, default=GateSettings().photos, help="the gate's photos"
+    )
     args = parser.parse_args(argv)
     try:
         entry = promote(
@@ -142,12 +164,20 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
             retire=args.retire,
             description=args.description,
+            gate=GateSettings(photos=args.gate_photos),
+            force=args.force,
         )
     except (ValueError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     public = [s.name for s in entry.styles if s.public and s.role == "style"]
     print(f"promoted {entry.name} ({entry.sha256[:12]}); public styles: {', '.join(public)}")
+    for comparison in entry.training["gate"]["comparisons"]:
+        worse = " WORSE (forced)" if comparison["worse"] else ""
+        print(
+            f"  gate {comparison['subject']} {comparison['measure']}: {comparison['candidate']:.5g}"
+            f" vs shipped {comparison['shipped']:.5g}{worse}"
+        )
     if not args.keep_fp32:
         try:
             record = store_half(entry.name, zoo_dir(args.target))

@@ -3,7 +3,11 @@
 ``import DIR``: each model's tar is unpacked under ``--runs`` (its sample grids and loss curve
 stay there to look at), its weights are checked against the sha256 of its manifest entry,
 copied into the zoo and its entry upserted, with the hardware, iterations, wall time, data
-pack and lineage the campaign recorded. Then the weights are stored in fp16 where that keeps
+pack and lineage the campaign recorded, unless the gate (``evaluation.gate``) finds it worse
+than the zoo's net of that name on held-out photos: then the zoo keeps its net, the new one
+stays unpacked under ``--runs`` and the command says why (``--force`` merges it anyway; what
+the gate measured is recorded in the entry's ``training.gate``). Then the weights are stored in
+fp16 where that keeps
 the outputs within 40 dB of fp32 (``training.storage``, how the whole zoo is stored). A
 multi-style net's slots whose names another model of the zoo already offers are kept private
 (``public: false``): which net serves a style name is a decision, not a side effect of an
@@ -31,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from evaluation.gate import GateSettings, Verdict, check_replacement
 from model_zoo.manifest import Manifest, ModelEntry, read_manifest, write_manifest
 from model_zoo.registry import sha256_file
 from training.gpu.campaign import SUMMARY
@@ -95,14 +100,30 @@ def _description(entry: ModelEntry) -> str:
     return f"{what}; {total:,} iterations at batch {batch} on {entry.hardware} ({when})"
 
 
-def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[ModelEntry, list[str]]:
-    """Copy the weights into the zoo and upsert the entry (validated before anything is
-    replaced). Returns the entry and the slot names made private."""
+def checked_entry(result: Result) -> ModelEntry:
+    """The result's entry, once its weights are there and match its sha256."""
     entry, weights = result.entry, result.weights
     if entry is None or weights is None or not weights.exists():
         raise ResultsError(f"{result.name}: no exported model in its tar (see its stage.json)")
     if sha256_file(weights) != entry.sha256:
         raise ResultsError(f"{result.name}: weights do not match their entry's sha256")
+    return entry
+
+
+def gate(result: Result, zoo: Path, settings: GateSettings) -> Verdict:
+    """The gate's verdict on the result replacing the zoo's net of its name. The unpacked folder
+    becomes a one-model zoo (its own manifest beside the weights) so that both nets load the
+    same way."""
+    entry = checked_entry(result)
+    write_manifest(Manifest(models=[entry]), result.folder)
+    return check_replacement(entry.name, result.folder, zoo, settings)
+
+
+def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[ModelEntry, list[str]]:
+    """Copy the weights into the zoo and upsert the entry (validated before anything is
+    replaced). Returns the entry and the slot names made private."""
+    entry = checked_entry(result)
+    weights = result.folder / entry.weights
     manifest = read_manifest(zoo)
     others = Manifest(models=[m for m in manifest.models if m.name != entry.name]).styles()
     private = []
@@ -127,9 +148,18 @@ def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[Mod
 
 
 def import_results(
-    results: Path, zoo: Path, runs: Path, *, public_slots: bool = False, half: bool = True
+    results: Path,
+    zoo: Path,
+    runs: Path,
+    *,
+    public_slots: bool = False,
+    half: bool = True,
+    gate_settings: GateSettings | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Merge every model of a campaign's results into ``zoo``; one summary row per model."""
+    """Merge every model of a campaign's results that the gate lets through (all of them with
+    ``force``) into ``zoo``; one summary row per model."""
+    gate_settings = gate_settings or GateSettings()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     summary = results / SUMMARY
     teachers = json.loads(summary.read_text()).get("teachers", []) if summary.exists() else []
@@ -141,6 +171,18 @@ def import_results(
             rows.append(row)
             continue
         try:
+            verdict = gate(result, zoo, gate_settings)
+            row["gate"] = verdict.reason()
+            for comparison in verdict.comparisons:
+                log.info("%s: %s", result.name, comparison.line())
+            if not verdict.accepted and not force:
+                row["refused"] = True
+                rows.append(row)
+                continue
+            assert result.entry is not None
+            row["forced"] = not verdict.accepted
+            record = verdict.record() | {"forced": row["forced"]}
+            result.entry.training = {**result.entry.training, "gate": record}
             entry, private = merge(result, zoo, public_slots=public_slots)
         except ResultsError as exc:
             row["error"] = str(exc)
@@ -204,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument(
         "--names-out", type=Path, default=None, help="write the imported names (JSON) here"
     )
+    imp.add_argument(
+        "--force", action="store_true", help="merge even a net the gate finds worse than the zoo's"
+    )
+    defaults = GateSettings()
+    imp.add_argument(
+        "--gate-photos", type=Path, default=defaults.photos, help="held-out photos of the gate"
+    )
+    imp.add_argument("--gate-style-size", type=int, default=defaults.style_size)
+    imp.add_argument("--gate-droplet-size", type=int, default=defaults.droplet_size)
     res = sub.add_parser("restore", help="put checkpoints back into a campaign folder")
     res.add_argument("results", type=Path)
     res.add_argument("--work", type=Path, default=Path(".campaign"))
@@ -213,12 +264,29 @@ def main(argv: list[str] | None = None) -> int:
         names = restore(args.results, args.work, [n for n in args.stages.split(",") if n])
         print(f"restored {', '.join(names) or 'nothing'} into {args.work}/runs")
         return 0 if names else 1
+    settings = GateSettings(
+        photos=args.gate_photos,
+        style_size=args.gate_style_size,
+        droplet_size=args.gate_droplet_size,
+    )
     rows = import_results(
-        args.results, args.zoo, args.runs, public_slots=args.public_slots, half=not args.keep_fp32
+        args.results,
+        args.zoo,
+        args.runs,
+        public_slots=args.public_slots,
+        half=not args.keep_fp32,
+        gate_settings=settings,
+        force=args.force,
     )
     for row in rows:
         if row.get("teacher"):
             print(f"{row['name']:<12} a teacher: kept in {row['folder']}, not merged")
+            continue
+        if row.get("refused"):
+            print(
+                f"{row['name']:<12} REFUSED, the zoo keeps its net (--force to merge it; "
+                f"kept in {row['folder']}): worse than the zoo's on {row['gate']}"
+            )
             continue
         if "error" in row:
             print(f"{row['name']:<12} NOT IMPORTED: {row['error']}")
@@ -229,10 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{row['name']:<12} {row['iterations']:>8} its on {row['hardware']}, "
-            f"{row['wall_time_s']:.0f} s; weights {storage}{private}"
+            f"{row['wall_time_s']:.0f} s; weights {storage}{private}; "
+            f"gate{' FORCED past' if row['forced'] else ''}: {row['gate']}"
         )
     if args.names_out:
-        imported = [r for r in rows if "error" not in r and not r.get("teacher")]
+        imported = [
+            r for r in rows if "error" not in r and not r.get("teacher") and not r.get("refused")
+        ]
         args.names_out.write_text(
             json.dumps(
                 {
