@@ -7,6 +7,7 @@ against the recorded sha256, so a corrupted or swapped file is refused instead o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,14 @@ class ModelNotFoundError(KeyError):
 
 class WeightsIntegrityError(RuntimeError):
     """The weights file is missing or does not match the manifest's sha256."""
+
+
+def file_metadata(**fields: str) -> dict[str, str]:
+    """Safetensors header metadata under one key. safetensors writes a metadata map's keys in a
+    random order (safetensors/safetensors#584, open), so two saves of the same weights with two
+    keys differ in their bytes, and the manifest, which names weights by sha256, would record
+    the same net under two hashes."""
+    return {"model": json.dumps(fields, sort_keys=True)}
 
 
 def sha256_file(path: Path) -> str:
@@ -110,7 +119,7 @@ def save_model(
         if not value.is_floating_point():
             tensors[key] = value.detach().contiguous().cpu()
     tmp = folder / f"{relative}.tmp"
-    save_file(tensors, str(tmp), metadata={"name": name, "kind": kind})
+    save_file(tensors, str(tmp), metadata=file_metadata(name=name, kind=kind))
     os.chmod(tmp, 0o644)  # readable by the non-root service users that mount the zoo
     try:
         entry = ModelEntry(

@@ -16,6 +16,7 @@ from model_zoo.registry import (
     WeightsIntegrityError,
     list_models,
     load_model,
+    save_model,
     sha256_file,
 )
 from worker import apply
@@ -27,6 +28,17 @@ def test_load_rebuilds_architecture_and_checks_sha(tiny_zoo: Path) -> None:
     assert not net.training
     assert sha256_file(tiny_zoo / entry.weights) == entry.sha256
     assert {m.name for m in list_models(tiny_zoo)} == {"tiny_style", "mosaic", "x4", "x8"}
+
+
+def test_the_same_weights_saved_again_have_the_same_sha256(tiny_zoo: Path, tmp_path: Path) -> None:
+    """The manifest names weights by sha256; a save's bytes must not depend on chance (with
+    two metadata keys, safetensors wrote them in either order: every other save differed)."""
+    net, entry = load_model("x4", root=tiny_zoo)
+    hashes = {
+        save_model(net, name="x4", kind="sr", arch=entry.arch, root=tmp_path / str(i)).sha256
+        for i in range(8)
+    }
+    assert len(hashes) == 1
 
 
 def test_tampered_weights_are_refused(tiny_zoo: Path) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from model_zoo.imaging import to_tensor
 from model_zoo.manifest import ModelEntry, read_manifest, write_manifest, zoo_dir
 from model_zoo.nets import MultiStyleNet, build_net
-from model_zoo.registry import load_model, sha256_file
+from model_zoo.registry import file_metadata, load_model, sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 # The worker's own calibration photos and the web page's sample photo: freely redistributable
@@ -161,7 +161,7 @@ def store_half(
         "probe_side": PROBE_SIDE,
     }
     tmp = path.with_suffix(".tmp")
-    save_file(half, str(tmp), metadata={"name": name, "kind": entry.kind, "dtype": "fp16"})
+    save_file(half, str(tmp), metadata=file_metadata(name=name, kind=entry.kind, dtype="fp16"))
     os.chmod(tmp, 0o644)
     manifest = read_manifest(folder)
     stored: ModelEntry = manifest.get(name)

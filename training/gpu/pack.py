@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from model_zoo.registry import file_metadata
 from training.data import find_images
 from training.vgg import LAYER_INDEX, resolve_vgg16_weights
 
@@ -141,7 +142,7 @@ def vgg_xz(weights: str | os.PathLike[str] | None, preset: int) -> tuple[bytes, 
         for key, value in resolved.state_dict.items()
         if int(key.split(".")[0]) < VGG_DEPTH
     }
-    raw = save_safetensors(state, metadata={"source": resolved.source, "dtype": "bf16"})
+    raw = save_safetensors(state, metadata=file_metadata(source=resolved.source, dtype="bf16"))
     blob = lzma.compress(raw, preset=preset)
     info = {
         "file": VGG_NAME,
