@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("refused"):
             print(
                 f"{row['name']:<12} REFUSED, the zoo keeps its net (--force to merge it; "
-                f"kept in {row['folder']}): worse than the zoo's on {row['gate']}"
+                f"kept in {row['folder']}): {row['gate']}"
             )
             continue
         if "error" in row:
