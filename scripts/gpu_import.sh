@@ -69,6 +69,11 @@ trap 'rm -f "$names"' EXIT
 field() { "$PY" -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))[sys.argv[2]]))' "$names" "$1"; }
 read -r -a SR <<< "$(field sr)"
 read -r -a STYLES <<< "$(field public_styles)"
+read -r -a MERGED_STYLE_NETS <<< "$(field style)"
+if [ "${#SR[@]}" -eq 0 ] && [ "${#MERGED_STYLE_NETS[@]}" -eq 0 ]; then
+    echo "nothing merged: the zoo, its evaluation, gallery and thumbnails stay as they were"
+    exit 0
+fi
 [ "$EVAL" = 1 ] || exit 0
 mkdir -p "$DOCS"
 if [ "${#SR[@]}" -gt 0 ]; then

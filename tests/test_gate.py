@@ -4,7 +4,10 @@ only if it is not worse on held-out photos, for imports of GPU results and for p
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from training.gpu.results import import_results
 
 from .conftest import TINY_MULTISTYLE
 
+ROOT = Path(__file__).resolve().parents[1]
 STYLE_TRAINING = {"content_weight": 1e5, "style_weight": 3e5, "tv_weight": 3.0, "style_size": 64}
 
 
@@ -159,6 +163,18 @@ def test_an_import_keeps_the_zoos_sr_net_when_the_new_one_is_worse(
     assert read_manifest(zoo).get("x4").sha256 == shipped_sha  # the zoo kept its net
     assert sha256_file(zoo / "weights" / "x4.safetensors") == shipped_sha
     assert (Path(row["folder"]) / "entry.json").exists()  # the refused one is kept to look at
+    # The script around it: nothing merged, so no evaluation, gallery or thumbnails either.
+    script = subprocess.run(
+        ["bash", "scripts/gpu_import.sh", str(tmp_path / "out-worse"), "--zoo", str(zoo),
+         "--docs", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs"),
+         "--gate-photos", str(photos)],
+        cwd=ROOT, env=os.environ | {"PYTHON": sys.executable}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert script.returncode == 0, script.stdout + script.stderr
+    assert "x4           REFUSED" in script.stdout and "nothing merged" in script.stdout
+    assert not (tmp_path / "docs").exists()
+    assert read_manifest(zoo).get("x4").sha256 == shipped_sha
 
     # --force merges it, and the entry records that the gate said no.
     (row,) = import_results(
