@@ -140,9 +140,10 @@ def check_replacement(
     if candidate.kind != shipped.kind:
         verdict.problem = f"a {candidate.kind} net cannot replace the shipped {shipped.kind} net"
         return verdict
-    photos = find_images(settings.photos)
-    if not photos:
-        verdict.problem = f"no photos to compare on in {settings.photos}"
+    try:
+        photos = find_images(settings.photos)
+    except FileNotFoundError as exc:
+        verdict.problem = f"cannot measure: {exc}"
         return verdict
     if candidate.kind == "sr":
         verdict.comparisons = _sr_comparisons(

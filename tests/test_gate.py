@@ -128,6 +128,10 @@ def test_a_style_net_is_held_to_the_shipped_objective_slot_by_slot(
     (tmp_path / "paintings" / "b.png").unlink()
     verdict = check_replacement("multi", same, shipped, settings)
     assert not verdict.accepted and "b.png" in verdict.problem
+    empty = tmp_path / "no-photos"
+    empty.mkdir()
+    verdict = check_replacement("multi", same, shipped, GateSettings(photos=empty))
+    assert not verdict.accepted and "no images" in verdict.problem
     # A name the shipped zoo lacks replaces nothing.
     fresh = check_replacement("multi", same, tmp_path / "empty", settings)
     assert fresh.accepted and "nothing to compare" in fresh.note
