@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch", default="1,8", help="MAX_BATCH of each worker configuration in turn"
     )
     parser.add_argument(
+        "--batch-window",
+        default="adaptive",
+        help="BATCH_WINDOW of each worker configuration (fixed,adaptive compares them in one run)",
+    )
+    parser.add_argument(
         "--workers",
         default="1",
         help="worker processes, comma-separated: each count is a configuration of its own "
@@ -153,6 +158,9 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
     if not worker_counts or min(worker_counts) < 1:
         raise SystemExit("--workers: one or more counts >= 1")
+    windows = [w.strip() for w in args.batch_window.split(",") if w.strip()]
+    if not windows or set(windows) - {"fixed", "adaptive"}:
+        raise SystemExit("--batch-window: fixed, adaptive or both (comma-separated)")
     requests = min(args.requests, 16) if args.quick else args.requests
     warmup = args.warmup
     sizes = parse_sizes(args.sizes)
@@ -167,11 +175,16 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     with Stack(zoo_dir=zoo, workdir=tmp, redis_config=redis_config) as stack:
         stack.start_redis()
         redis_info = stack.redis_info()
-        for mb, count in [(mb, n) for mb in batches for n in worker_counts]:
-            # one label per configuration; the worker count only when it varies, so reports
-            # of single-worker runs keep their old names
-            config = f"max_batch={mb}" + (f" workers={count}" if worker_counts != [1] else "")
-            env = {**extra, "MAX_BATCH": str(mb), "WORKER_MODELS": model}
+        configs = [(mb, w, n) for mb in batches for w in windows for n in worker_counts]
+        for mb, window, count in configs:
+            # one label per configuration; the window and the worker count only when they vary,
+            # so reports of single-worker runs keep their old names
+            config = (
+                f"max_batch={mb}"
+                + (f" window={window}" if len(windows) > 1 else "")
+                + (f" workers={count}" if worker_counts != [1] else "")
+            )
+            env = {"BATCH_WINDOW": window, **extra, "MAX_BATCH": str(mb), "WORKER_MODELS": model}
             stack.stop_workers()
             stack.start_workers(env, count)
             stack.wait_workers_redis(count)

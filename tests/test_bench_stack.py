@@ -72,16 +72,22 @@ def test_e2e_and_spawned_load(tmp_path: Path) -> None:
 
 def test_worker_bench_scales_worker_processes(tmp_path: Path) -> None:
     """``bench worker --workers 1,2``: the scaling run behind the README's capacity table
-    starts that many worker processes per configuration and reports each."""
+    starts that many worker processes per configuration and reports each; ``--batch-window
+    fixed,adaptive`` compares the two windows in the same run."""
     rc = bench_main(
         ["worker", "--tiny", "--sizes", "32", "--concurrency", "2", "--requests", "4",
-         "--warmup", "1", "--max-batch", "1", "--workers", "1,2",
+         "--warmup", "1", "--max-batch", "2", "--workers", "1,2",
+         "--batch-window", "fixed,adaptive",
          "--worker-env", "TORCH_THREADS=1", "--out", str(tmp_path)]
     )  # fmt: skip
     assert rc == 0
     results = json.loads((tmp_path / "worker.json").read_text())["results"]
-    assert list(results) == ["max_batch=1 workers=1", "max_batch=1 workers=2"]
+    assert list(results) == [
+        f"max_batch=2 window={w} workers={n}" for w in ("fixed", "adaptive") for n in (1, 2)
+    ]
     for (level,) in results.values():
         assert level["requests"] == 4 and level["ok"] == 4, level["errors"]
     md = (tmp_path / "worker.md").read_text()
-    assert "| max_batch=1 workers=2 | 2 | 4 | 4 |" in md
+    assert "| max_batch=2 window=adaptive workers=2 | 2 | 4 | 4 |" in md
+    with pytest.raises(SystemExit, match="--batch-window"):
+        bench_main(["worker", "--tiny", "--batch-window", "sometimes", "--out", str(tmp_path)])

@@ -20,7 +20,7 @@ from model_zoo.nets import build_net
 from model_zoo.reference import apply_to_image
 from model_zoo.registry import load_model, save_model
 from worker import openvino_runtime
-from worker.batching import collect, pack
+from worker.batching import BatchWindow, fill, pack
 from worker.encoding import EncodeOptions, encode
 from worker.engine import (
     MAX_FULL_PRECISION_HEAD,
@@ -367,30 +367,60 @@ def test_pack_bounds_filler_units_and_pixels() -> None:
     assert [len(g.members) for g in small] == [2, 2]
 
 
-def test_collect_blocks_only_for_the_first_job_then_polls_the_window() -> None:
+def test_the_window_polls_without_blocking_and_asks_only_for_what_fits() -> None:
     """A short blocking read would end on Redis' 100 ms timer tick, not after max_wait_ms: every
-    read after the first must be non-blocking (block None)."""
-    arrivals = [[0], [], [1, 2], []]
+    read of the window must be non-blocking (block None)."""
+    arrivals: list[list[int]] = [[], [1, 2], []]
     calls: list[tuple[int, int | None]] = []
 
     def read(count: int, block_ms: int | None) -> list[int]:
         calls.append((count, block_ms))
         return arrivals.pop(0) if arrivals else []
 
-    assert collect(read, max_batch=8, max_wait_ms=200, block_ms=500) == [0, 1, 2]
-    assert calls[0] == (8, 500)
-    assert len(calls) >= 4 and all(block is None for _, block in calls[1:])
-    assert calls[3][0] == 5  # asks only for what still fits in the batch
-    # A full batch ends the window at once; nothing at all returns after the one blocking read.
-    arrivals[:], calls[:] = [[0], [1, 2]], []
-    assert collect(read, max_batch=3, max_wait_ms=60_000, block_ms=500) == [0, 1, 2]
-    assert calls == [(3, 500), (2, None)]
-    arrivals[:], calls[:] = [], []
-    assert collect(read, max_batch=3, max_wait_ms=10, block_ms=500) == []
-    assert calls == [(3, 500)]
-    arrivals[:], calls[:] = [[0]], []
-    assert collect(read, max_batch=3, max_wait_ms=60_000, block_ms=500, should_stop=lambda: True)
-    assert calls == [(3, 500)]
+    assert fill([0], read, max_batch=8, max_wait_ms=200) == [0, 1, 2]
+    assert len(calls) >= 3 and all(block is None for _, block in calls)
+    assert calls[2][0] == 5  # asks only for what still fits in the batch
+    # A full batch ends the window at once; so does a stop, keeping what is in hand.
+    arrivals[:], calls[:] = [[1, 2]], []
+    assert fill([0], read, max_batch=3, max_wait_ms=60_000) == [0, 1, 2]
+    assert calls == [(2, None)]
+    arrivals[:], calls[:] = [[1]], []
+    assert fill([0], read, max_batch=3, max_wait_ms=60_000, should_stop=lambda: True) == [0]
+    assert calls == []
+    # No window: nothing is read.
+    assert fill([0], read, max_batch=3, max_wait_ms=0) == [0] and calls == []
+
+
+def test_the_adaptive_window_closes_for_a_lone_caller_and_reopens_under_concurrency() -> None:
+    """Waiting for batch-mates who never come is pure latency (a lone caller waited the whole
+    MAX_WAIT_MS on every request): after two fruitless windows the adaptive window stays shut,
+    probing every 8th batch, and a backlog or a probe that catches a job opens it again. The
+    fixed window always waits."""
+    window = BatchWindow("adaptive", fruitless_to_close=2, probe_every=8)
+
+    def lone(caught: int = 0) -> tuple[int, str]:
+        wait = window.wait_ms(1, max_batch=8, max_wait_ms=10)
+        return wait, window.record(1, caught if wait else 0, wait)
+
+    assert [lone() for _ in range(2)] == [(10, "fruitless")] * 2
+    shut = [lone() for _ in range(16)]
+    assert shut == ([(0, "skipped")] * 7 + [(10, "fruitless")]) * 2  # a probe every 8th batch
+    assert lone(caught=1) == (0, "skipped")  # a job that came after the read waits its turn
+    # A backlog (the first read found several jobs) opens it: those batches wait to fill up.
+    assert window.wait_ms(3, max_batch=8, max_wait_ms=10) == 10
+    assert window.record(3, 0, 10) == "backlog"
+    assert lone(caught=1) == (10, "caught") and lone() == (10, "fruitless")
+    assert lone() == (10, "fruitless") and lone() == (0, "skipped")
+    # ... and so does a probe that catches one.
+    for _ in range(6):
+        lone()
+    assert lone(caught=2) == (10, "caught") and lone()[0] == 10
+    # A full first read needs no window; the fixed window waits whatever came before.
+    assert window.wait_ms(8, max_batch=8, max_wait_ms=10) == 0
+    fixed = BatchWindow("fixed")
+    for _ in range(10):
+        assert fixed.wait_ms(1, max_batch=8, max_wait_ms=10) == 10
+        assert fixed.record(1, 0, 10) == "fruitless"
 
 
 def test_max_batch_pixels_auto_depends_on_the_device(

@@ -1,9 +1,15 @@
 """Dynamic batching: when to stop collecting jobs, and which work shares a forward pass.
 
-**Collecting** (``collect``): block for the first job, then poll without blocking until
-``max_batch`` jobs are in hand or ``max_wait_ms`` has passed since the first one arrived. An idle
-worker therefore answers a lone request after about ``max_wait_ms``, a busy one fills batches.
-(Not a short blocking read: Redis ends those on its 100 ms timer tick, see ``collect``.)
+**Collecting** (``fill``): the worker blocks for the first job, then polls without blocking until
+``max_batch`` jobs are in hand or ``max_wait_ms`` has passed since the first one arrived. (Not a
+short blocking read: Redis ends those on its 100 ms timer tick, see ``fill``.)
+
+**Whether to wait at all** (``BatchWindow``): the window only pays when a batch-mate is likely to
+arrive inside it. A lone caller (c=1, or sparse traffic) never gets one, and waiting
+``max_wait_ms`` for nobody is pure latency: 10 ms on a ~100 ms CPU request, several times the
+forward pass on a GPU. ``adaptive`` therefore closes the window after it has caught nothing
+twice in a row and keeps it closed (jobs already queued are still taken in one read) until a
+read finds a backlog or a periodic probe window catches a batch-mate; ``fixed`` always waits.
 
 **Packing** (``pack``): the engine turns each job into work units - the whole image, or its
 tiles plus (for InstanceNorm nets) one statistics pass - and ``pack`` groups the units of one
@@ -21,31 +27,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
-
-
-def collect(
-    read: Callable[[int, int | None], list[T]],
-    *,
-    max_batch: int,
-    max_wait_ms: int,
-    block_ms: int,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> list[T]:
-    """Gather up to ``max_batch`` items. ``read(count, block_ms)`` returns at most ``count``
-    items; ``block_ms`` >= 1 waits that long for the first, ``None`` returns at once.
-
-    Only the first read blocks (up to ``block_ms``; [] if nothing came). The rest of the
-    ``max_wait_ms`` window is polled with non-blocking reads every ``poll_interval_ms``: Redis
-    checks blocked-client timeouts on its timer tick (every 100 ms at the default ``hz 10``),
-    so a short ``BLOCK`` would hold the batch for ~100 ms instead of ``max_wait_ms``. Stops
-    early (keeping what it has) when the batch is full or ``should_stop()`` turns true."""
-    items = read(max_batch, max(1, block_ms))
-    if not items:
-        return []
-    return fill(items, read, max_batch=max_batch, max_wait_ms=max_wait_ms, should_stop=should_stop)
 
 
 def fill(
@@ -56,9 +40,13 @@ def fill(
     max_wait_ms: int,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[T]:
-    """The window of ``collect`` after its first read: poll without blocking until
-    ``max_batch`` items are in hand or ``max_wait_ms`` has passed (for callers that got their
-    first items from a non-blocking read)."""
+    """The batch window after the first read (the worker blocks for that one, up to
+    ``BLOCK_MS``): poll without blocking every ``poll_interval_ms`` until ``max_batch`` items
+    are in hand, ``max_wait_ms`` has passed or ``should_stop()`` turns true, keeping what it
+    has. ``read(count, block_ms)`` returns at most ``count`` items; ``None`` returns at once.
+    Redis checks blocked-client timeouts on its timer tick (every 100 ms at the default
+    ``hz 10``), so a short ``BLOCK`` would hold the batch for ~100 ms instead of
+    ``max_wait_ms``."""
     deadline = time.monotonic() + max_wait_ms / 1000
     interval = poll_interval_ms(max_wait_ms) / 1000
     while len(items) < max_batch and not should_stop():
@@ -68,6 +56,56 @@ def fill(
         time.sleep(min(interval, remaining))
         items.extend(read(max_batch - len(items), None))
     return items
+
+
+WindowMode = Literal["adaptive", "fixed"]
+WindowOutcome = Literal["caught", "fruitless", "skipped", "backlog"]
+
+
+@dataclass
+class BatchWindow:
+    """Decides per batch whether to wait for batch-mates, from what recent windows caught.
+
+    Evidence of concurrent callers is what a wait needs: a first read that found more than one
+    job (a backlog), or a window that caught one. ``fruitless_to_close`` windows in a row that
+    caught nothing close it; while closed, every ``probe_every``-th batch still waits (a probe),
+    so a caller that turns concurrent is noticed within that many batches even when it never
+    builds a backlog. A closed window costs a lone caller ``max_wait_ms / probe_every`` on
+    average instead of ``max_wait_ms``."""
+
+    mode: WindowMode = "adaptive"
+    fruitless_to_close: int = 2
+    probe_every: int = 8
+    fruitless: int = 0
+    """Windows in a row (probes included) that caught nothing since the last evidence."""
+    skipped: int = 0
+    """Batches since the window closed or was last probed."""
+
+    def wait_ms(self, in_hand: int, *, max_batch: int, max_wait_ms: int) -> int:
+        """How long to wait for batch-mates of the ``in_hand`` jobs the first read returned."""
+        if in_hand >= max_batch:
+            return 0  # nothing to wait for
+        if self.mode == "fixed" or in_hand > 1:
+            return max_wait_ms
+        if self.fruitless < self.fruitless_to_close or self.skipped + 1 >= self.probe_every:
+            return max_wait_ms
+        return 0
+
+    def record(self, in_hand: int, caught: int, waited_ms: int) -> WindowOutcome:
+        """What the batch's window did: ``in_hand`` jobs from the first read, ``caught`` more
+        during a ``waited_ms`` window. Returns the outcome (for the worker's metrics)."""
+        if in_hand > 1:
+            self.fruitless = self.skipped = 0
+            return "backlog"
+        if caught:
+            self.fruitless = self.skipped = 0
+            return "caught"
+        if waited_ms <= 0:
+            self.skipped += 1
+            return "skipped"
+        self.fruitless += 1
+        self.skipped = 0
+        return "fruitless"
 
 
 def poll_interval_ms(max_wait_ms: int) -> float:

@@ -54,7 +54,7 @@ from jobqueue.protocol import CONTENT_TYPES, OPERATIONS, Job, JobResult, JobStat
 from jobqueue.settings import redacted_url
 from jobqueue.telemetry import configure_logging, log_context
 from model_zoo.registry import ModelNotFoundError, WeightsIntegrityError
-from worker.batching import collect, fill
+from worker.batching import BatchWindow, fill
 from worker.costs import CostTracker, fingerprint, probe, tiled_probe_side
 from worker.encoding import EncodeOptions, encode
 from worker.engine import Engine, EngineOutput
@@ -174,6 +174,7 @@ class Worker:
         self.jobs_failed = 0
         self.started_at = time.time()
         self.last_claim = 0.0
+        self.batch_window = BatchWindow(settings.batch_window)
         self.claim_every_s = min(settings.claim_idle_ms / 2000, 5.0)
 
     # ------------------------------------------------------------------------ lifecycle
@@ -386,26 +387,35 @@ class Worker:
                 return claimed, True
         settings = self.settings
         entries = self._read_interactive(settings.max_batch, None)
-        if entries:
-            filled = fill(
-                entries,
-                self._read_interactive,
-                max_batch=settings.max_batch,
-                max_wait_ms=settings.max_wait_ms,
-                should_stop=self.stopping.is_set,
-            )
-            return filled, False
-        bulk = self.consumer.read("bulk", 1, None)
-        if bulk:
-            return bulk, True
-        entries = collect(
+        if not entries:
+            bulk = self.consumer.read("bulk", 1, None)
+            if bulk:
+                return bulk, True
+            # Block for the first job; the window after it is polled (``worker.batching``).
+            entries = self._read_interactive(settings.max_batch, BLOCK_MS)
+        if not entries:
+            return [], False
+        return self._fill_batch(entries), False
+
+    def _fill_batch(self, entries: list[Entry]) -> list[Entry]:
+        """Wait for batch-mates of ``entries`` as long as ``BATCH_WINDOW`` says it pays."""
+        settings = self.settings
+        in_hand = len(entries)
+        if in_hand >= settings.max_batch:
+            return entries
+        wait_ms = self.batch_window.wait_ms(
+            in_hand, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms
+        )
+        filled = fill(
+            entries,
             self._read_interactive,
             max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            block_ms=BLOCK_MS,
+            max_wait_ms=wait_ms,
             should_stop=self.stopping.is_set,
         )
-        return entries, False
+        outcome = self.batch_window.record(in_hand, len(filled) - in_hand, wait_ms)
+        self.metrics.batch_windows.labels(outcome).inc()
+        return filled
 
     def _read_interactive(self, count: int, block_ms: int | None) -> list[Entry]:
         return self.consumer.read("interactive", count, block_ms)
@@ -785,12 +795,13 @@ def main(argv: list[str] | None = None) -> int:
         worker.metrics.watch_gpu(_cuda_memory)
     worker.metrics.serve(settings.metrics_host, settings.metrics_port)
     log.info(
-        "serving %s from %s (prefix %r, max batch %d, wait %d ms, %d px per pass)",
+        "serving %s from %s (prefix %r, max batch %d, wait %d ms (%s), %d px per pass)",
         ", ".join(names) or "-",
         redacted_url(settings.redis_url),
         settings.queue_prefix,
         settings.max_batch,
         settings.max_wait_ms,
+        settings.batch_window,
         engine.max_batch_pixels,
     )
     return worker.run()

@@ -44,6 +44,14 @@ class WorkerMetrics:
             "imgsvc_worker_batch_size", "Jobs computed together in one batch.", buckets=_BATCH,
             registry=r,
         )  # fmt: skip
+        self.batch_windows = Counter(
+            "imgsvc_worker_batch_windows_total",
+            "Batches by what their wait for batch-mates did (BATCH_WINDOW): caught (a job "
+            "joined), fruitless (waited, nobody came), skipped (the adaptive window was closed), "
+            "backlog (the first read found several jobs).",
+            ["outcome"],
+            registry=r,
+        )
         self.pass_seconds = Histogram(
             "imgsvc_worker_forward_pass_seconds",
             "Time of one forward pass (a whole image, a group of images or one tile), measured "

@@ -18,6 +18,11 @@ Variable                    Default            Meaning
                                                images / tiles in one forward pass.
 ``MAX_WAIT_MS``             10                 How long to wait for more jobs after the
                                                first before computing.
+``BATCH_WINDOW``            adaptive           adaptive | fixed. fixed: every batch waits
+                                               MAX_WAIT_MS; adaptive: stops waiting after
+                                               two windows caught nothing, until a backlog
+                                               or a probe (every 8th batch) shows
+                                               concurrent callers (``worker.batching``).
 ``MAX_BATCH_PIXELS``        auto               Most output pixels in one forward pass (a
                                                single image or tile may exceed it). auto =
                                                65536 (256²) on CPU, 16777216 (4096²) on
@@ -119,6 +124,7 @@ class WorkerSettings(QueueSettings):
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=60_000)
+    batch_window: Literal["adaptive", "fixed"] = "adaptive"
     max_batch_pixels: int | Literal["auto"] = "auto"
     max_pad_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
