@@ -207,16 +207,17 @@ class Stack:
 def make_bench_zoo(
     root: Path, *, style: str = "mosaic", tiny: bool = False, source: str | None = None
 ) -> tuple[Path, str]:
-    """The zoo the stack serves: ``source`` (or the package zoo) if it has ``style``, ``x4`` and
-    ``x8``; else a fresh folder of untrained nets from the default (or tiny) configs.
+    """The zoo the stack serves: ``source`` (or the package zoo) if it serves ``style`` (a net of
+    its own or a slot of a multi-style net: what users get) and has ``x4`` and ``x8``; else a
+    fresh folder of untrained nets from the default (or tiny) configs.
 
     Returns the folder and a note saying which, for the report.
     """
     from model_zoo.manifest import read_manifest
 
     if not tiny:
-        names = set(read_manifest(source).names())
-        if {style, "x4", "x8"} <= names:
+        manifest = read_manifest(source)
+        if style in manifest.styles() and {"x4", "x8"} <= set(manifest.names()):
             from model_zoo.manifest import zoo_dir
 
             return zoo_dir(source), "trained zoo models"

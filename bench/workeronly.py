@@ -70,6 +70,7 @@ async def drive(
     *,
     model: str,
     op: str,
+    controls: Any = None,
     images: list[Any],
     concurrency: int,
     requests: int,
@@ -78,10 +79,11 @@ async def drive(
     timeout_s: float,
     label: str,
 ) -> LevelResult:
-    """``concurrency`` callers, each enqueue -> wait -> next, through the API's queue client."""
+    """``concurrency`` callers, each enqueue -> wait -> next, through the API's queue client.
+    ``controls``: a style job's ``StyleControls`` (the slot of a multi-style net)."""
     import random
 
-    from jobqueue.protocol import Job
+    from jobqueue.protocol import Job, StyleControls
     from service.queue import JobQueue
     from service.settings import ApiSettings
 
@@ -100,6 +102,7 @@ async def drive(
         job = Job(
             model=model, op=op, width=width, height=height, channels=channels,  # type: ignore[arg-type]
             pixels=pixels.tobytes(), deadline=time.time() + timeout_s,
+            controls=controls or StyleControls(),
         )  # fmt: skip
         start = time.perf_counter()
         status: int | str = 200
@@ -170,6 +173,15 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     zoo, zoo_note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
+    job_model, controls = model, None
+    if args.op == "stylize":  # what the API would queue for style=NAME
+        from jobqueue.protocol import StyleControls
+        from model_zoo.manifest import read_manifest
+        from model_zoo.styles import resolve_style
+
+        choice = resolve_style(read_manifest(zoo), args.style, None)
+        job_model = choice.model
+        controls = StyleControls(slots=choice.slots, identity=choice.identity)
     results: dict[str, list[dict[str, Any]]] = {}
     redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
     with Stack(zoo_dir=zoo, workdir=tmp, redis_config=redis_config) as stack:
@@ -192,7 +204,8 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
             for conc in concurrencies:
                 level = asyncio.run(
                     drive(
-                        stack.redis_url, stack.prefix, model=model, op=args.op, images=images,
+                        stack.redis_url, stack.prefix, model=job_model, op=args.op,
+                        controls=controls, images=images,
                         concurrency=conc, requests=requests, duration_s=args.duration,
                         warmup=warmup, timeout_s=args.timeout, label=label,
                     )

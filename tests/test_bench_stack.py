@@ -91,3 +91,18 @@ def test_worker_bench_scales_worker_processes(tmp_path: Path) -> None:
     assert "| max_batch=2 window=adaptive workers=2 | 2 | 4 | 4 |" in md
     with pytest.raises(SystemExit, match="--batch-window"):
         bench_main(["worker", "--tiny", "--batch-window", "sometimes", "--out", str(tmp_path)])
+
+
+def test_the_benches_serve_the_zoos_net_for_a_multi_style_slot(tmp_path: Path) -> None:
+    """``mosaic`` is a slot of the shipped multi-style net, not a net of its own; the benches
+    took that for a zoo without it and timed untrained full-width nets instead of the served
+    one. A style the zoo lacks, or ``tiny``, still gets untrained nets."""
+    from bench.stack import make_bench_zoo
+    from model_zoo.manifest import read_manifest, zoo_dir
+
+    shipped = zoo_dir(None)
+    assert "mosaic" not in read_manifest(shipped).names()  # a slot, not a net
+    assert make_bench_zoo(tmp_path / "a", style="mosaic") == (shipped, "trained zoo models")
+    folder, note = make_bench_zoo(tmp_path / "b", style="no_such_style")
+    assert folder == tmp_path / "b" and "untrained" in note
+    assert set(read_manifest(folder).names()) == {"no_such_style", "x4", "x8"}
