@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bare_cost(zoo: Path, style: str, size: int, reps: int, warmup: int) -> dict[str, Any]:
     """Median ms of ``Engine.run`` (one image) and of the worker's PNG encode of its output."""
+    from bench.stack import served_style
     from worker.encoding import EncodeOptions, encode
     from worker.engine import Engine
     from worker.settings import WorkerSettings
@@ -57,13 +58,14 @@ def bare_cost(zoo: Path, style: str, size: int, reps: int, warmup: int) -> dict[
         tile_stats_size=ws.tile_stats_size,
         whole_max_pixels=ws.whole_max_pixels,
     )
-    engine.load([style])
+    model, controls = served_style(zoo, style)
+    engine.load([model])
     pixels = synthetic_array(size, size, seed=1)
     options = EncodeOptions(png_compress_level=ws.png_compress_level)
     fwd, enc = [], []
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        (out,) = engine.run([(style, pixels)])
+        (out,) = engine.run([(model, pixels, controls)])
         t1 = time.perf_counter()
         encode(out.pixels, "png", options)
         t2 = time.perf_counter()

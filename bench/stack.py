@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import redis
@@ -202,6 +202,17 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def served_style(zoo: Path, style: str) -> tuple[str, Any]:
+    """The net and ``StyleControls`` the API queues for ``style=NAME`` (a multi-style slot is
+    its net plus the slot's weight row), so a bench that bypasses HTTP runs what users get."""
+    from jobqueue.protocol import StyleControls
+    from model_zoo.manifest import read_manifest
+    from model_zoo.styles import resolve_style
+
+    choice = resolve_style(read_manifest(zoo), style, None)
+    return choice.model, StyleControls(slots=choice.slots, identity=choice.identity)
 
 
 def make_bench_zoo(

@@ -154,7 +154,7 @@ async def drive(
 
 
 def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.stack import Stack, make_bench_zoo
+    from bench.stack import Stack, make_bench_zoo, served_style
 
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batches = [int(b) for b in args.max_batch.split(",") if b.strip()]
@@ -175,13 +175,7 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     zoo, zoo_note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
     job_model, controls = model, None
     if args.op == "stylize":  # what the API would queue for style=NAME
-        from jobqueue.protocol import StyleControls
-        from model_zoo.manifest import read_manifest
-        from model_zoo.styles import resolve_style
-
-        choice = resolve_style(read_manifest(zoo), args.style, None)
-        job_model = choice.model
-        controls = StyleControls(slots=choice.slots, identity=choice.identity)
+        job_model, controls = served_style(zoo, args.style)
     results: dict[str, list[dict[str, Any]]] = {}
     redis_config = dict(kv.split("=", 1) for kv in args.redis_config)
     with Stack(zoo_dir=zoo, workdir=tmp, redis_config=redis_config) as stack:

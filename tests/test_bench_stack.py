@@ -106,3 +106,8 @@ def test_the_benches_serve_the_zoos_net_for_a_multi_style_slot(tmp_path: Path) -
     folder, note = make_bench_zoo(tmp_path / "b", style="no_such_style")
     assert folder == tmp_path / "b" and "untrained" in note
     assert set(read_manifest(folder).names()) == {"no_such_style", "x4", "x8"}
+    # The e2e bench's bare forward pass runs the slot too (it asked the engine for 'mosaic').
+    from bench.e2e import bare_cost
+
+    bare = bare_cost(shipped, "mosaic", 32, reps=1, warmup=0)
+    assert bare["forward_ms"] > 0 and bare["precision"] in {"fp32", "bf16"}
