@@ -111,3 +111,19 @@ def test_the_benches_serve_the_zoos_net_for_a_multi_style_slot(tmp_path: Path) -
 
     bare = bare_cost(shipped, "mosaic", 32, reps=1, warmup=0)
     assert bare["forward_ms"] > 0 and bare["precision"] in {"fp32", "bf16"}
+
+
+def test_the_worker_bench_queues_the_slot_the_api_would(tmp_path: Path) -> None:
+    """Without ``--tiny`` on the shipped zoo (as the GPU lease's serving check runs it), the
+    worker bench's jobs name the multi-style net and carry the slot's weight row; a job naming
+    'mosaic' itself would fail in the worker (no such net)."""
+    rc = bench_main(
+        ["worker", "--sizes", "32", "--concurrency", "1", "--requests", "2", "--warmup", "0",
+         "--max-batch", "2", "--worker-env", "TORCH_THREADS=1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "worker.json").read_text())
+    assert report["zoo"] == "trained zoo models"
+    ((level,),) = report["results"].values()
+    assert level["ok"] == 2, level["errors"]
