@@ -21,6 +21,7 @@ import numpy as np
 import redis
 from PIL import Image
 
+from jobqueue.consumer import Entry
 from jobqueue.protocol import (
     CONSUMER_GROUP,
     Job,
@@ -374,6 +375,41 @@ def test_a_live_workers_jobs_are_not_taken_over(
             assert queue.heartbeat(other.worker_id)["jobs_done"] == 0  # type: ignore[index]
 
 
+def in_process_worker(redis_server: str, zoo: Path, prefix: str, **settings: object) -> Worker:
+    """A worker driven by the test itself (``next_batch`` / ``process``), for fresh jobs only:
+    its reclaim pass is put off by an hour."""
+    worker_settings = WorkerSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=redis_server,
+        queue_prefix=prefix,
+        model_zoo_dir=zoo,
+        max_batch=8,
+        worker_id=f"w-{prefix}",
+        **settings,  # type: ignore[arg-type]
+    )
+    worker = Worker(worker_settings, Engine(zoo_dir=zoo, device="cpu"))
+    worker.ensure_group()
+    worker.last_claim = time.monotonic() + 3600
+    return worker
+
+
+def assert_a_job_arriving_inside_the_window_joins_the_batch(
+    queue: Queue, worker: Worker
+) -> list[Entry]:
+    """Submit one job, a second 50 ms later, and read one batch: both must be in it."""
+    first, second = make_job(image(8, 8)), make_job(image(8, 8))
+    queue.submit(first)
+    late = threading.Timer(0.05, queue.submit, args=(second,))
+    late.start()
+    entries, _ = worker.next_batch()
+    late.join()
+    assert [Job.from_fields(e.fields).job_id for e in entries if e.fields] == [
+        first.job_id,
+        second.job_id,
+    ]
+    return entries
+
+
 def test_batch_window_is_max_wait_ms_not_the_redis_timer_tick(
     redis_server: str, tiny_zoo: Path
 ) -> None:
@@ -385,19 +421,11 @@ def test_batch_window_is_max_wait_ms_not_the_redis_timer_tick(
     hz = queue.redis.config_get("hz")["hz"]
     queue.redis.config_set("hz", 10)
     try:
-        settings = WorkerSettings(
-            _env_file=None,  # type: ignore[call-arg]
-            redis_url=redis_server,
-            queue_prefix="t9",
-            model_zoo_dir=tiny_zoo,
-            max_batch=8,
-            max_wait_ms=10,
-            batch_window="fixed",  # every lone job waits its window (the adaptive one is below)
-            worker_id="w-window",
+        # every lone job waits its window (the adaptive one is below)
+        worker = in_process_worker(
+            redis_server, tiny_zoo, "t9", max_wait_ms=10, batch_window="fixed"
         )
-        worker = Worker(settings, Engine(zoo_dir=tiny_zoo, device="cpu"))
-        worker.ensure_group()
-        worker.last_claim = time.monotonic() + 3600  # this test is about fresh jobs only
+        settings = worker.settings
         windows = []
         for _ in range(5):
             queue.submit(make_job(image(8, 8)))
@@ -409,16 +437,7 @@ def test_batch_window_is_max_wait_ms_not_the_redis_timer_tick(
         assert sorted(windows)[len(windows) // 2] < 0.060, windows
 
         worker.settings = settings.model_copy(update={"max_wait_ms": 5000, "max_batch": 2})
-        first, second = make_job(image(8, 8)), make_job(image(8, 8))
-        queue.submit(first)
-        late = threading.Timer(0.05, queue.submit, args=(second,))
-        late.start()
-        entries, _ = worker.next_batch()
-        late.join()
-        assert [Job.from_fields(e.fields).job_id for e in entries if e.fields] == [
-            first.job_id,
-            second.job_id,
-        ]
+        assert_a_job_arriving_inside_the_window_joins_the_batch(queue, worker)
     finally:
         queue.redis.config_set("hz", hz)
 
@@ -430,19 +449,8 @@ def test_the_adaptive_window_stops_holding_a_lone_caller_and_reopens_for_concurr
     never come; after that its jobs are taken without the wait (bar a probe every 8th), and a
     backlog opens the window again so that a job arriving inside it joins the batch."""
     queue = Queue(redis_server, "t9a")
-    settings = WorkerSettings(
-        _env_file=None,  # type: ignore[call-arg]
-        redis_url=redis_server,
-        queue_prefix="t9a",
-        model_zoo_dir=tiny_zoo,
-        max_batch=8,
-        max_wait_ms=400,
-        worker_id="w-adaptive",
-    )
-    assert settings.batch_window == "adaptive"  # the default
-    worker = Worker(settings, Engine(zoo_dir=tiny_zoo, device="cpu"))
-    worker.ensure_group()
-    worker.last_claim = time.monotonic() + 3600  # this test is about fresh jobs only
+    worker = in_process_worker(redis_server, tiny_zoo, "t9a", max_wait_ms=400)
+    assert worker.settings.batch_window == "adaptive"  # the default
 
     def lone() -> float:
         queue.submit(make_job(image(8, 8)))
@@ -470,19 +478,10 @@ def test_the_adaptive_window_stops_holding_a_lone_caller_and_reopens_for_concurr
     assert len(entries) == 3
     worker.process(entries)
     assert window_count("backlog") == 1
-    first, second = make_job(image(8, 8)), make_job(image(8, 8))
-    queue.submit(first)
-    late = threading.Timer(0.05, queue.submit, args=(second,))
-    late.start()
-    entries, _ = worker.next_batch()
-    late.join()
-    assert [Job.from_fields(e.fields).job_id for e in entries if e.fields] == [
-        first.job_id,
-        second.job_id,
-    ]
-    worker.process(entries)
+    batch = assert_a_job_arriving_inside_the_window_joins_the_batch(queue, worker)
+    worker.process(batch)
     assert window_count("caught") == 1
-    for job in [*backlog, first, second]:
+    for job in backlog + [Job.from_fields(e.fields) for e in batch if e.fields]:
         assert queue.result(job.job_id, timeout=5).ok
 
 
