@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="tiny style net for the comparison")
     parser.add_argument("--quick", action="store_true", help="256,512 px; levels 0,1,6; 3 reps")
+    parser.add_argument(
+        "--pool-threads",
+        default="",
+        help="also time a batch of PNGs (level as configured) on encode pools of these sizes, "
+        "as the worker's ENCODE_THREADS does (e.g. 1,2,8); ratios against the first",
+    )
+    parser.add_argument("--pool-batch", type=int, default=16, help="images per pooled batch")
     parser.add_argument("--name", default="encode", help="file stem of the report files")
 
 
@@ -52,6 +59,25 @@ def time_encode(pixels: Any, fmt: str, level: int, reps: int) -> tuple[float, in
         encode(pixels, fmt, options)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0, len(data)
+
+
+def time_pool(pixels: Any, level: int, batch: int, threads: int, reps: int) -> float:
+    """Median ms per image of encoding ``batch`` copies of ``pixels`` as PNG on a pool of
+    ``threads`` (the worker's encode pool: zlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.encoding import EncodeOptions, encode
+
+    options = EncodeOptions(png_compress_level=level)
+    images = [pixels.copy() for _ in range(batch)]
+    times = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda image: encode(image, "png", options), images))  # warm-up
+        for _ in range(max(1, reps)):
+            start = time.perf_counter()
+            list(pool.map(lambda image: encode(image, "png", options), images))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0 / batch
 
 
 def forward_ms(sizes: list[int], reps: int, tiny: bool) -> tuple[dict[int, float], str]:
@@ -112,11 +138,28 @@ def run_encode(args: argparse.Namespace) -> dict[str, Any]:
                     + (f"  ({rows[-1]['encode_over_forward']:.2f} x forward)" if fwd else ""),
                     flush=True,
                 )
+    pool_rows = []
+    threads = [int(t) for t in args.pool_threads.split(",") if t.strip()]
+    for size in sizes if threads else []:
+        pixels = synthetic_array(size, size, seed=11)
+        for count in threads:
+            ms = time_pool(pixels, level, args.pool_batch, count, reps)
+            first = next((r["ms_per_image"] for r in pool_rows if r["out_px"] == size), ms)
+            pool_rows.append(
+                {"out_px": size, "threads": count, "batch": args.pool_batch,
+                 "ms_per_image": ms, "speedup": ratio(first, ms)}
+            )  # fmt: skip
+            print(
+                f"[encode] {size:5}px batch of {args.pool_batch}, {count} thread(s): "
+                f"{ms:7.2f} ms per image ({pool_rows[-1]['speedup']:.2f}x)",
+                flush=True,
+            )
     return {
         "configured_png_level": level,
         "forward_variant": fwd_variant,
         "reps": reps,
         "rows": rows,
+        "pool": pool_rows,
     }
 
 
@@ -135,6 +178,14 @@ def encode_markdown(result: dict[str, Any]) -> str:
         f"\nConfigured PNG_COMPRESS_LEVEL = {result['configured_png_level']}. Forward pass: style "
         f"net, batch 1, `{result['forward_variant']}` path, same run.\n"
     )
+    if result.get("pool"):
+        text += "\nA batch encoded on a pool of threads (the worker's `ENCODE_THREADS`):\n\n"
+        text += markdown_table(
+            ["out px", "threads", "batch", "ms per image", "x first"],
+            [[r["out_px"], r["threads"], r["batch"], r["ms_per_image"], r["speedup"]]
+             for r in result["pool"]],
+            [0, 0, 0, 2, 2],
+        )  # fmt: skip
     return text
 
 

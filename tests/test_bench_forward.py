@@ -61,3 +61,20 @@ def test_forward_quick_on_tiny_nets(tmp_path: Path) -> None:
     assert "| style | 48 | 1 | fp32 |" in md
     with Image.open(tmp_path / "forward.png") as img:
         assert img.format == "PNG"
+
+
+def test_encode_bench_times_a_batch_on_encode_pools(tmp_path: Path) -> None:
+    """``bench encode --pool-threads 1,2``: the worker's ENCODE_THREADS question (is a batch's
+    encoding faster on a pool?) answered per size in one run, against the first pool size."""
+    rc = bench_main(
+        ["encode", "--sizes", "32,48", "--levels", "1", "--formats", "png", "--reps", "1",
+         "--no-forward", "--pool-threads", "1,2", "--pool-batch", "3", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    pool = json.loads((tmp_path / "encode.json").read_text())["pool"]
+    assert [(r["out_px"], r["threads"], r["batch"]) for r in pool] == [
+        (32, 1, 3), (32, 2, 3), (48, 1, 3), (48, 2, 3)
+    ]  # fmt: skip
+    assert all(r["ms_per_image"] > 0 for r in pool)
+    assert [r["speedup"] for r in pool if r["threads"] == 1] == [1.0, 1.0]
+    assert "ENCODE_THREADS" in (tmp_path / "encode.md").read_text()

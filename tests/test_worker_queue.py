@@ -485,6 +485,39 @@ def test_the_adaptive_window_stops_holding_a_lone_caller_and_reopens_for_concurr
         assert queue.result(job.job_id, timeout=5).ok
 
 
+def test_a_batch_is_encoded_at_once_and_a_result_that_cannot_be_encoded_fails_alone(
+    redis_server: str, tiny_zoo: Path
+) -> None:
+    """The encode pool (ENCODE_THREADS) answers every job of a batch in its own format; a
+    result the format cannot hold (WebP stops at 16,383 px a side) gets a 422 naming the
+    format, and its batch-mates their images."""
+    queue = Queue(redis_server, "t9b")
+    worker = in_process_worker(redis_server, tiny_zoo, "t9b", encode_threads=3)
+    assert worker.encoder._max_workers == 3
+    jobs = [
+        make_job(image(24, 24, seed=1), output_format="png"),
+        make_job(image(24, 24, seed=2), output_format="jpeg"),
+        make_job(image(16_400, 8, seed=3), output_format="webp"),
+        make_job(image(24, 24, seed=4), output_format="webp"),
+    ]
+    for job in jobs:
+        queue.submit(job)
+    entries, _ = worker.next_batch()
+    assert len(entries) == 4
+    worker.process(entries)
+    results = [queue.result(job.job_id, timeout=5) for job in jobs]
+    assert [r.ok for r in results] == [True, True, False, True]
+    assert [r.content_type for r in results if r.ok] == ["image/png", "image/jpeg", "image/webp"]
+    for job, result in zip(jobs, results, strict=True):
+        if result.ok:
+            assert Image.open(io.BytesIO(result.image)).size == (job.width, job.height)
+            assert result.timings["encode"] > 0
+    assert results[2].status_code == 422 and "could not encode the result as webp" in (
+        results[2].error
+    )
+    assert_drained(queue)
+
+
 def test_a_starting_worker_adopts_the_cost_its_twin_published_and_probes_otherwise(
     redis_server: str, tiny_zoo: Path
 ) -> None:

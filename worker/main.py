@@ -41,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -175,6 +176,9 @@ class Worker:
         self.started_at = time.time()
         self.last_claim = 0.0
         self.batch_window = BatchWindow(settings.batch_window)
+        self.encoder = ThreadPoolExecutor(
+            max_workers=settings.resolved_encode_threads(), thread_name_prefix="encode"
+        )
         self.claim_every_s = min(settings.claim_idle_ms / 2000, 5.0)
 
     # ------------------------------------------------------------------------ lifecycle
@@ -320,6 +324,7 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
         finally:
             self.heartbeat_done.set()
+            self.encoder.shutdown(wait=True)
             beat.join(timeout=5)
             with contextlib.suppress(redis.RedisError):
                 self.consumer.remove_heartbeat()
@@ -577,6 +582,13 @@ class Worker:
                 compute = time.perf_counter() - single_started - single.nested_s
                 results.append((index, output, compute))
         self.metrics.batch_size.observe(len(work))
+        # Encoding is CPU work the forward pass does not share: a batch's results are encoded
+        # at once (ENCODE_THREADS), then answered in order.
+        encodings = {
+            index: self.encoder.submit(self._encode, output, work[index].job.output_format)
+            for index, output, _ in results
+            if not output.stopped
+        }
         for index, output, compute in results:
             w = work[index]
             with log_context(request_id=w.job.request_id, job_id=w.job.job_id):
@@ -586,7 +598,7 @@ class Worker:
                 if output.stopped:
                     self._stopped(outcome, w, watch.reasons.get(index, "cancelled"), watch)
                 else:
-                    self._answer(outcome, w, output, compute, started_wall)
+                    self._answer(outcome, w, encodings[index], output, compute, started_wall)
 
     def _learn_cost(self, work: list[_Work], outputs: list[EngineOutput], compute: float) -> None:
         """A batch of one model, all finished, updates that model's measured cost."""
@@ -603,12 +615,23 @@ class Worker:
         if cost is not None:
             self.metrics.cost.labels(model).set(cost.seconds_per_megapixel)
 
+    def _encode(self, output: EngineOutput, fmt: str) -> tuple[bytes, str, float]:
+        """One result's bytes, content type and encode seconds (runs on the encode pool)."""
+        started = time.perf_counter()
+        image, content_type = encode(output.pixels, fmt, self.encode_options)
+        return image, content_type, time.perf_counter() - started
+
     def _answer(
-        self, outcome: Outcome, w: _Work, output: EngineOutput, compute: float, started: float
+        self,
+        outcome: Outcome,
+        w: _Work,
+        encoding: Future[tuple[bytes, str, float]],
+        output: EngineOutput,
+        compute: float,
+        started: float,
     ) -> None:
-        encode_started = time.perf_counter()
         try:
-            image, content_type = encode(output.pixels, w.job.output_format, self.encode_options)
+            image, content_type, encode_s = encoding.result()
         except Exception as exc:
             log.exception("encoding job %s failed", w.job.job_id)
             self._fail(
@@ -621,7 +644,6 @@ class Worker:
                 code="encode_failed",
             )
             return
-        encode_s = time.perf_counter() - encode_started
         timings = {
             "queue": _seconds(started - w.job.enqueued_at),
             "compute": _seconds(compute),
@@ -795,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.metrics.watch_gpu(_cuda_memory)
     worker.metrics.serve(settings.metrics_host, settings.metrics_port)
     log.info(
-        "serving %s from %s (prefix %r, max batch %d, wait %d ms (%s), %d px per pass)",
+        "serving %s from %s (prefix %r, max batch %d, wait %d ms (%s), %d px per pass, "
+        "%d encode threads)",
         ", ".join(names) or "-",
         redacted_url(settings.redis_url),
         settings.queue_prefix,
@@ -803,5 +826,6 @@ def main(argv: list[str] | None = None) -> int:
         settings.max_wait_ms,
         settings.batch_window,
         engine.max_batch_pixels,
+        settings.resolved_encode_threads(),
     )
     return worker.run()

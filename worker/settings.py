@@ -45,6 +45,10 @@ Variable                    Default            Meaning
                                                has at most this many pixels, where whole
                                                images have a runtime of their own (OpenVINO
                                                on a CPU); auto = 2048²; 0 = always tile.
+``ENCODE_THREADS``          0                  Threads encoding a batch's results at once
+                                               (zlib and libjpeg release the GIL); 0 =
+                                               min(8, cores this process may use); set it
+                                               to the CPU request in a container.
 ``PNG_COMPRESS_LEVEL``      1                  zlib level 0-9 for PNG results.
 ``JPEG_QUALITY``            90                 Quality of JPEG results.
 ``WEBP_QUALITY``            90                 Quality of WebP results.
@@ -136,6 +140,7 @@ class WorkerSettings(QueueSettings):
     tile_overlap: int | Literal["auto"] = "auto"
     tile_stats_size: int = Field(1024, ge=32)
     whole_max_pixels: int | Literal["auto"] = "auto"
+    encode_threads: int = Field(0, ge=0, le=64)
     png_compress_level: int = Field(1, ge=0, le=9)
     jpeg_quality: int = Field(90, ge=1, le=100)
     webp_quality: int = Field(90, ge=1, le=100)
@@ -170,6 +175,14 @@ class WorkerSettings(QueueSettings):
         if isinstance(value, str) and value.strip().lower() != "auto":
             return int(value)
         return value.strip().lower() if isinstance(value, str) else value
+
+    def resolved_encode_threads(self) -> int:
+        """``ENCODE_THREADS``, with 0 resolved: a GPU worker's batch of 32 results would
+        otherwise be encoded one after another on one core, longer than its forward pass."""
+        if self.encode_threads:
+            return self.encode_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return min(8, cores or 1)
 
     @model_validator(mode="after")
     def _worker_values(self) -> WorkerSettings:
