@@ -72,10 +72,14 @@ def time_pool(pixels: Any, level: int, batch: int, threads: int, reps: int) -> f
     images = [pixels.copy() for _ in range(batch)]
     times = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda image: encode(image, "png", options), images))  # warm-up
+
+        def encode_all() -> None:
+            list(pool.map(lambda image: encode(image, "png", options), images))
+
+        encode_all()  # warm-up
         for _ in range(max(1, reps)):
             start = time.perf_counter()
-            list(pool.map(lambda image: encode(image, "png", options), images))
+            encode_all()
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0 / batch
 

@@ -13,10 +13,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 import httpx
 import redis
+
+if TYPE_CHECKING:
+    from jobqueue.protocol import StyleControls
 
 from jobqueue.protocol import Keys
 from service.launch import Child, free_port, start_api, start_redis, start_worker, wait_http
@@ -204,7 +207,7 @@ class Stack:
         self.stop()
 
 
-def served_style(zoo: Path, style: str) -> tuple[str, Any]:
+def served_style(zoo: Path, style: str) -> tuple[str, StyleControls]:
     """The net and ``StyleControls`` the API queues for ``style=NAME`` (a multi-style slot is
     its net plus the slot's weight row), so a bench that bypasses HTTP runs what users get."""
     from jobqueue.protocol import StyleControls

@@ -15,13 +15,16 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes, synthetic_array
 from bench.loadgen import LevelResult, Sample
 from bench.report import machine_info, markdown_table, write_json, write_markdown
 from bench.stats import ratio
+
+if TYPE_CHECKING:
+    from jobqueue.protocol import StyleControls
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +73,7 @@ async def drive(
     *,
     model: str,
     op: str,
-    controls: Any = None,
+    controls: StyleControls | None = None,
     images: list[Any],
     concurrency: int,
     requests: int,
