@@ -105,6 +105,14 @@ def pad_to_valid(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+def pad_style_input(x: torch.Tensor) -> torch.Tensor:
+    """What the style nets' ``forward`` pads an image to: sides divisible by 4 for the two
+    stride-2 stages, and at least 8 so that the 3x3 reflection pads at 1/4 resolution have 2
+    pixels to reflect. Exported runtimes (``worker.openvino_runtime``) call it themselves: a
+    traced export keeps only the padding of its example's size."""
+    return pad_to_valid(x, multiple=4, minimum=8)
+
+
 def _squash(x: torch.Tensor, kind: OutputSquash) -> torch.Tensor:
     if kind == "tanh":
         return (torch.tanh(x) + 1.0) * 0.5
@@ -138,9 +146,7 @@ class StyleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        # Two stride-2 stages need sides divisible by 4; the 3x3 reflection pads at 1/4
-        # resolution need at least 2 pixels there.
-        x = pad_to_valid(x, multiple=4, minimum=8)
+        x = pad_style_input(x)
         y = self.decoder(self.residuals(self.encoder(x)))
         return _squash(y[..., :height, :width], self.config.output)
 
@@ -325,7 +331,7 @@ class MultiStyleNet(nn.Module):
                 f"style weights of shape {tuple(style_weights.shape)} for a batch of "
                 f"{x.shape[0]} and {self.config.num_styles} styles"
             )
-        x = pad_to_valid(x, multiple=4, minimum=8)
+        x = pad_style_input(x)
         x = self.run_layers(x, style_weights)
         return _squash(x[..., :height, :width], self.config.output)
 

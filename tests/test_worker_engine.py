@@ -565,6 +565,45 @@ def test_openvino_serves_whole_style_images_with_the_reference_pixels(tiny_zoo: 
     assert max_diff(multi.pixels, _multi_reference(tiny_zoo, pixels, [0.5, 0.0, 0.5])) <= 1
 
 
+@pytest.mark.parametrize("size", [(1, 1), (3, 300), (4, 4), (2, 57), (57, 3)])
+def test_openvino_serves_images_with_a_side_under_eight_pixels_as_pytorch_does(
+    tiny_zoo: Path, size: tuple[int, int]
+) -> None:
+    """A side of 4 px or less leaves the net's residual blocks a 1-px map, where reflection
+    padding is undefined: PyTorch pads such inputs to 8 px inside ``forward``, the export does
+    not. OpenVINO then kept its previous output and the engine returned a crop of *another
+    request's* picture (found serving an 8000 x 3 px upload)."""
+    add_tiny_multistyle(tiny_zoo)
+    engine = Engine(zoo_dir=tiny_zoo, precision="fp32", cpu_runtime="openvino")
+    other = image(64, 300, seed=11)  # what an earlier request left in OpenVINO's output
+    for name in ("tiny_style", "tiny_multi"):
+        assert engine.model(name).runtime == "openvino"
+        engine.run([(name, other)])
+        pixels = image(*size, seed=12)
+        (out,) = engine.run([(name, pixels)])
+        expected = (
+            reference(tiny_zoo, name, pixels)
+            if name == "tiny_style"
+            else _multi_reference(tiny_zoo, pixels, [1.0, 0.0, 0.0])
+        )
+        assert max_diff(out.pixels, expected) <= 1
+
+
+def test_openvino_output_of_another_size_than_its_input_is_refused(tiny_zoo: Path) -> None:
+    """The executor's last line of defence, on what OpenVINO really does: given a 4 x 4 input
+    without the net's padding, it answers with no error and the previous call's output."""
+    net, _ = load_model("tiny_style", root=tiny_zoo)
+    executor = openvino_runtime.OpenVINOExecutor(net, threads=1)
+    executor(torch.rand(1, 3, 16, 64), None, "f32")
+    request = executor._request("f32")
+    inputs = {"image": np.random.rand(1, 3, 4, 4).astype(np.float32)}
+    inputs["style"] = np.ones((1, 1), np.float32)
+    stale = np.array(next(iter(request.infer(inputs).values())))
+    with pytest.raises(RuntimeError, match=r"1x3x16x64 output for a 1x3x4x4 input"):
+        openvino_runtime.check_output(stale, (1, 3, 4, 4))
+    openvino_runtime.check_output(stale, (1, 3, 16, 64))  # the right size passes
+
+
 def test_openvino_batches_equal_sizes_and_never_pads(tiny_zoo: Path) -> None:
     """A second runtime for whole images must not make pixels depend on the batch: same-size
     images share a pass, images of other sizes get passes of their own."""

@@ -42,7 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_zoo.nets import MultiStyleNet, StyleNet, _squash, max_full_precision_head
+from model_zoo.nets import (
+    MultiStyleNet,
+    StyleNet,
+    _squash,
+    max_full_precision_head,
+    pad_style_input,
+)
 from worker.ragged import Stats, per_image_norms
 
 log = logging.getLogger(__name__)
@@ -284,10 +290,11 @@ class OpenVINOExecutor:
         ``precision`` is bf16 (two compiled pieces, the features passed between them)."""
         if not 0 <= head <= self.max_head:
             raise ValueError(f"head of {head} layers: this net splits after 0..{self.max_head}")
-        batch = canvas.shape[0]
+        batch, _, height, width = canvas.shape
         if style is None:
             style = torch.zeros(batch, self.num_styles)
             style[:, 0] = 1.0
+        canvas = pad_style_input(canvas)  # what the net's own forward would pad (not exported)
         image = np.ascontiguousarray(canvas.detach().float().cpu().numpy())
         rows = np.ascontiguousarray(style.detach().float().cpu().numpy())
         variant = "whole"
@@ -308,5 +315,17 @@ class OpenVINOExecutor:
                         inputs[f"{kind}{k}"] = np.ascontiguousarray(layer.float().cpu().numpy())
             request = self._request(piece_precision, variant, start, stop)
             image = np.array(next(iter(request.infer(inputs).values())))
+        check_output(image, tuple(canvas.shape))
         self.passes[variant] += 1
-        return torch.from_numpy(image)
+        return torch.from_numpy(image)[..., :height, :width]
+
+
+def check_output(output: np.ndarray, expected: tuple[int, ...]) -> None:
+    """Refuse an output that is not the size of the (padded) input. OpenVINO has answered an
+    input it could not compute (a 1-px map under a reflection pad) with no error and its
+    previous output: another request's picture. A style net's output is its input's size."""
+    if output.shape != expected:
+        raise RuntimeError(
+            f"OpenVINO returned a {'x'.join(map(str, output.shape))} output for a "
+            f"{'x'.join(map(str, expected))} input"
+        )
