@@ -28,7 +28,7 @@ from training.cli import build_parser, settings_from_args
 from training.gpu import campaign, travel
 from training.gpu.fastloop import StageOptions, read_stage, train_stage
 from training.gpu.imports import WHEELS, forbidden, missing_requirements
-from training.gpu.objective import objective_for, vgg_layers
+from training.gpu.objective import objective_for
 from training.gpu.pack import (
     VGG_DEPTH,
     Pack,
@@ -316,7 +316,7 @@ def test_device_objectives_equal_the_tasks_losses(kind: str, pack: Pack, tmp_pat
     device = torch.device("cpu")
     reference, fast = task_for(settings), task_for(settings)
     for task in (reference, fast):
-        vgg = VGG16Features(layers=vgg_layers(task), state_dict=state)
+        vgg = VGG16Features(layers=task.vgg_layers, state_dict=state)
         task.prepare(vgg, device)
     objective = objective_for(fast, 4, device)
     torch.manual_seed(2)

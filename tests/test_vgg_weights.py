@@ -143,3 +143,21 @@ def test_loss_network_is_frozen_and_returns_the_paper_layers(no_hub_cache: Path)
         (1, 512, 4, 4),
     ]
     assert list(out) == ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+
+
+def test_a_pass_for_the_content_layer_stops_there(no_hub_cache: Path) -> None:
+    """The trainers' content target reads relu2_2 only: the pass must give the very features a
+    full pass does without running a layer past it."""
+    net = VGG16Features()
+    x = torch.rand(2, 3, 32, 32)
+    ran: list[int] = []
+    for index, layer in enumerate(net.features):
+        layer.register_forward_hook(lambda module, args, out, index=index: ran.append(index))
+    full = net(x)
+    assert ran == list(range(23))  # up to relu4_3
+    ran.clear()
+    content = net(x, layers=[vgg.CONTENT_LAYER])
+    assert list(content) == [vgg.CONTENT_LAYER] and ran == list(range(9))  # up to relu2_2
+    assert torch.equal(content[vgg.CONTENT_LAYER], full[vgg.CONTENT_LAYER])
+    with pytest.raises(ValueError, match="relu5_3"):
+        net(x, layers=["relu5_3"])  # a layer the module was not built that deep for

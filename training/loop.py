@@ -102,7 +102,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     # every call (15% of a CPU step).
     vgg = None
     if task.needs_vgg:
-        vgg = VGG16Features(settings.vgg_weights).to(device, memory_format=torch.channels_last)
+        vgg = VGG16Features(settings.vgg_weights, layers=task.vgg_layers).to(
+            device, memory_format=torch.channels_last
+        )
         if compute.precision != "fp32":
             vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])
     task.prepare(vgg, device)

@@ -196,7 +196,6 @@ class VGG16Features(nn.Module):
         self.features.load_state_dict(wanted, strict=True)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self._index_to_name = {LAYER_INDEX[name]: name for name in self.layers}
         self.requires_grad_(False)
         self.eval()
 
@@ -204,15 +203,26 @@ class VGG16Features(nn.Module):
         """Always eval: the loss network is fixed."""
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, layers: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalisation in float32, then the convs in the weights' dtype: the trainer may store
         the fixed network in bf16 (``training.loop``), and a caller outside autocast (the style
-        Gram targets) must then feed it bf16 too."""
+        Gram targets) must then feed it bf16 too.
+
+        ``layers``: some of the module's layers only, the pass stopping at the deepest of them.
+        The content target needs relu2_2 alone: 6.1 of the 18 GMACs a 256 px image costs up to
+        relu4_3, and the rest was a fifth of a style training step (three VGG passes)."""
+        wanted = self.layers if layers is None else tuple(layers)
+        unknown = set(wanted) - set(self.layers)
+        if unknown:
+            raise ValueError(f"layers {sorted(unknown)} are not among this VGG's {self.layers}")
+        names = {LAYER_INDEX[name]: name for name in wanted}
         h = (x.float() - self.mean.float()) / self.std.float()
         h = h.to(self.features[0].weight.dtype)
         out: dict[str, torch.Tensor] = {}
-        for index, layer in enumerate(self.features):
+        for index, layer in enumerate(self.features[: max(names) + 1]):
             h = layer(h)
-            if index in self._index_to_name:
-                out[self._index_to_name[index]] = h
+            if index in names:
+                out[names[index]] = h
         return out

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model_zoo import manifest
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
 from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
-from training.gpu.objective import objective_for, vgg_layers
+from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
 from training.loop import _record_phase, export, start_run, task_for, write_run_report
 from training.settings import TrainSettings
@@ -178,7 +178,7 @@ def train_stage(
     vgg = None
     if task.needs_vgg:
         vgg = VGG16Features(
-            layers=vgg_layers(task), state_dict=vgg_state or pack.vgg_state_dict()
+            layers=task.vgg_layers, state_dict=vgg_state or pack.vgg_state_dict()
         ).to(device, memory_format=torch.channels_last)
         if compute.precision != "fp32":
             vgg = vgg.to({"bf16": torch.bfloat16, "fp16": torch.float16}[compute.precision])

@@ -31,7 +31,7 @@ from training.losses import feature_loss, pixel_loss, style_loss, tv_loss
 from training.tasks import MultiStyleTask, SRTask, StyleTask, TrainingTask
 from training.tasks.distill import DistillTask
 from training.tasks.style import perceptual_terms
-from training.vgg import CONTENT_LAYER, STYLE_LAYERS
+from training.vgg import CONTENT_LAYER
 
 SLOT_TABLE_ROWS = 4096
 """Steps before the multi-style slot table repeats (each row a balanced draw)."""
@@ -42,12 +42,6 @@ class Objective(Protocol):
     """The weighted terms, in the order they are returned (the total is their sum)."""
 
     def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]: ...
-
-
-def vgg_layers(task: TrainingTask) -> tuple[str, ...]:
-    """The loss-network layers a task reads: SR reads relu2_2 only, so its VGG stops there
-    (the CPU loop runs it to relu4_3: 4 of its 6.4 GFLOP per 288 px image are unused)."""
-    return (CONTENT_LAYER,) if isinstance(task, SRTask) else STYLE_LAYERS
 
 
 class StyleObjective:
@@ -82,8 +76,8 @@ class SRObjective:
         if s.loss == "feat":
             assert vgg is not None
             with torch.no_grad():
-                target = vgg(batch)[CONTENT_LAYER]
-            main = feature_loss(vgg(output)[CONTENT_LAYER], target)
+                target = vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+            main = feature_loss(vgg(output, layers=[CONTENT_LAYER])[CONTENT_LAYER], target)
         else:
             main = pixel_loss(output, batch)
         terms = [s.content_weight * main, s.tv_weight * tv_loss(output)]
@@ -148,7 +142,7 @@ class MultiStyleObjective:
         output = net(batch, weights)
         out_feats = task.vgg(output)
         with torch.no_grad():
-            target = task.vgg(batch)[CONTENT_LAYER]
+            target = task.vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
         grams = {k: v[slots] for k, v in task.grams.items()}
         terms = [
             s.content_weight * feature_loss(out_feats[CONTENT_LAYER], target),

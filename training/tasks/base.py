@@ -25,7 +25,7 @@ from model_zoo.manifest import ModelEntry
 from model_zoo.nets import build_net
 from training.report import save_image_grid, square_crop
 from training.settings import TrainSettings
-from training.vgg import VGG16Features
+from training.vgg import STYLE_LAYERS, VGG16Features
 
 S = TypeVar("S", bound=TrainSettings)
 
@@ -41,6 +41,8 @@ class TrainingTask(ABC, Generic[S]):
     default_image_size: ClassVar[int] = 256
     default_iterations: ClassVar[int] = 40_000
     help: ClassVar[str] = ""
+    vgg_layers: ClassVar[tuple[str, ...]] = STYLE_LAYERS
+    """The loss network's layers the objective reads; its VGG is built only that deep."""
 
     def __init__(self, settings: S) -> None:
         self.settings = settings

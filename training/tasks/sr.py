@@ -36,6 +36,7 @@ class SRTask(TrainingTask[SRSettings]):
     default_image_size: ClassVar[int] = 288
     default_iterations: ClassVar[int] = 200_000
     help: ClassVar[str] = "train a super-resolution net"
+    vgg_layers: ClassVar[tuple[str, ...]] = (CONTENT_LAYER,)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -82,8 +83,9 @@ class SRTask(TrainingTask[SRSettings]):
         if s.loss == "feat":
             assert self.vgg is not None
             with torch.no_grad():
-                target_feat = self.vgg(batch)[CONTENT_LAYER]
-            main = feature_loss(self.vgg(output)[CONTENT_LAYER], target_feat)
+                target_feat = self.vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+            output_feat = self.vgg(output, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+            main = feature_loss(output_feat, target_feat)
         else:
             main = pixel_loss(output, batch)
         terms = {s.loss: s.content_weight * main, "tv": s.tv_weight * tv_loss(output)}
