@@ -221,8 +221,11 @@ class VGG16Features(nn.Module):
         h = (x.float() - self.mean.float()) / self.std.float()
         h = h.to(self.features[0].weight.dtype)
         out: dict[str, torch.Tensor] = {}
-        for index, layer in enumerate(self.features[: max(names) + 1]):
+        last = max(names)
+        for index, layer in enumerate(self.features):
             h = layer(h)
             if index in names:
                 out[names[index]] = h
+            if index == last:
+                break
         return out
