@@ -589,6 +589,19 @@ def test_openvino_serves_images_with_a_side_under_eight_pixels_as_pytorch_does(
         assert max_diff(out.pixels, expected) <= 1
 
 
+def test_openvino_tiles_of_a_thin_image_are_pytorchs_tiles(tiny_zoo: Path) -> None:
+    """The same padding on the tiles' export (borrowed statistics): a 3 px high strip cut
+    into 64 px tiles."""
+    settings = {"precision": "fp32", "tile_size": 64, "whole_max_pixels": 0}
+    ov = Engine(zoo_dir=tiny_zoo, cpu_runtime="openvino", **settings)  # type: ignore[arg-type]
+    pt = Engine(zoo_dir=tiny_zoo, cpu_runtime="torch", **settings)  # type: ignore[arg-type]
+    ov.run([("tiny_style", image(64, 300, seed=11))])
+    pixels = image(3, 300, seed=12)
+    (out,), (expected,) = ov.run([("tiny_style", pixels)]), pt.run([("tiny_style", pixels)])
+    assert out.tiled and expected.tiled
+    assert max_diff(out.pixels, expected.pixels) <= 1
+
+
 def test_openvino_output_of_another_size_than_its_input_is_refused(tiny_zoo: Path) -> None:
     """The executor's last line of defence, on what OpenVINO really does: given a 4 x 4 input
     without the net's padding, it answers with no error and the previous call's output."""
