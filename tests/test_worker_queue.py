@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 from PIL import Image
 
@@ -483,6 +484,29 @@ def test_the_adaptive_window_stops_holding_a_lone_caller_and_reopens_for_concurr
     assert window_count("caught") == 1
     for job in backlog + [Job.from_fields(e.fields) for e in batch if e.fields]:
         assert queue.result(job.job_id, timeout=5).ok
+
+
+def test_an_operator_sets_when_the_window_closes_and_how_often_it_probes(
+    redis_server: str, tiny_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCH_WINDOW_CLOSE_AFTER=1, BATCH_WINDOW_PROBE_EVERY=3 from the environment: one
+    fruitless wait closes the window, then every third lone job waits again."""
+    monkeypatch.setenv("BATCH_WINDOW_CLOSE_AFTER", "1")
+    monkeypatch.setenv("BATCH_WINDOW_PROBE_EVERY", "3")
+    queue = Queue(redis_server, "t9c")
+    worker = in_process_worker(redis_server, tiny_zoo, "t9c", max_wait_ms=300)
+    held = []
+    for seed in range(7):
+        queue.submit(make_job(image(8, 8, seed=seed)))
+        started = time.perf_counter()
+        entries, _ = worker.next_batch()
+        worker.process(entries)
+        held.append(time.perf_counter() - started >= 0.3)
+    assert held == [True, False, False, True, False, False, True]
+    for bad in ("0", "x"):
+        monkeypatch.setenv("BATCH_WINDOW_PROBE_EVERY", bad)
+        with pytest.raises(ValueError, match="batch_window_probe_every"):
+            WorkerSettings(_env_file=None)  # type: ignore[call-arg]
 
 
 def test_a_batch_is_encoded_at_once_and_a_result_that_cannot_be_encoded_fails_alone(

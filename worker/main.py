@@ -175,7 +175,11 @@ class Worker:
         self.jobs_failed = 0
         self.started_at = time.time()
         self.last_claim = 0.0
-        self.batch_window = BatchWindow(settings.batch_window)
+        self.batch_window = BatchWindow(
+            settings.batch_window,
+            fruitless_to_close=settings.batch_window_close_after,
+            probe_every=settings.batch_window_probe_every,
+        )
         self.encoder = ThreadPoolExecutor(
             max_workers=settings.resolved_encode_threads(), thread_name_prefix="encode"
         )

@@ -23,6 +23,11 @@ Variable                    Default            Meaning
                                                two windows caught nothing, until a backlog
                                                or a probe (every 8th batch) shows
                                                concurrent callers (``worker.batching``).
+``BATCH_WINDOW_CLOSE_AFTER`` 2                 adaptive: fruitless windows in a row that
+                                               close the window.
+``BATCH_WINDOW_PROBE_EVERY`` 8                 adaptive: while closed, every this-many-th
+                                               batch waits anyway; a lone caller pays
+                                               MAX_WAIT_MS / this on average (1: never close).
 ``MAX_BATCH_PIXELS``        auto               Most output pixels in one forward pass (a
                                                single image or tile may exceed it). auto =
                                                65536 (256²) on CPU, 16777216 (4096²) on
@@ -129,6 +134,8 @@ class WorkerSettings(QueueSettings):
     max_batch: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=60_000)
     batch_window: Literal["adaptive", "fixed"] = "adaptive"
+    batch_window_close_after: int = Field(2, ge=1, le=1000)
+    batch_window_probe_every: int = Field(8, ge=1, le=1000)
     max_batch_pixels: int | Literal["auto"] = "auto"
     max_pad_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
