@@ -75,8 +75,9 @@ def runs_bf16() -> bool:
 
 
 class _StyleCore(nn.Module):
-    """The net without its own stride padding and cropping (the engine pads every input to
-    the stride already), with the style rows as an explicit input for multi-style nets.
+    """The net without its own padding and cropping (a trace would keep only its example's:
+    ``OpenVINOExecutor`` pads every input as ``forward`` would), with the style rows as an
+    explicit input for multi-style nets.
 
     ``layers``: a multi-style net's layers ``start:stop`` only, so that a net can run as a
     float32 head and a bf16 tail (``OpenVINOExecutor``, ``head``); the output squash belongs
