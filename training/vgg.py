@@ -229,3 +229,8 @@ class VGG16Features(nn.Module):
             if index == last:
                 break
         return out
+
+    def content(self, x: torch.Tensor) -> torch.Tensor:
+        """The content layer's features, the pass stopping there (what the content loss reads
+        of the photo, and all an SR feature loss reads of either side)."""
+        return self(x, layers=[CONTENT_LAYER])[CONTENT_LAYER]

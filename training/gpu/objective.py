@@ -76,8 +76,8 @@ class SRObjective:
         if s.loss == "feat":
             assert vgg is not None
             with torch.no_grad():
-                target = vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
-            main = feature_loss(vgg(output, layers=[CONTENT_LAYER])[CONTENT_LAYER], target)
+                target = vgg.content(batch)
+            main = feature_loss(vgg.content(output), target)
         else:
             main = pixel_loss(output, batch)
         terms = [s.content_weight * main, s.tv_weight * tv_loss(output)]
@@ -142,7 +142,7 @@ class MultiStyleObjective:
         output = net(batch, weights)
         out_feats = task.vgg(output)
         with torch.no_grad():
-            target = task.vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+            target = task.vgg.content(batch)
         grams = {k: v[slots] for k, v in task.grams.items()}
         terms = [
             s.content_weight * feature_loss(out_feats[CONTENT_LAYER], target),

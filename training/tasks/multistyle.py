@@ -287,7 +287,7 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         output = net(batch, weights)
         out_feats = self.vgg(output)
         with torch.no_grad():
-            target = self.vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+            target = self.vgg.content(batch)
         content = s.content_weight * feature_loss(out_feats[CONTENT_LAYER], target)
         per_sample = self.slot_style_weight[slots]
         targets = {k: v[slots] for k, v in self.grams.items()}

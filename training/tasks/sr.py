@@ -83,8 +83,8 @@ class SRTask(TrainingTask[SRSettings]):
         if s.loss == "feat":
             assert self.vgg is not None
             with torch.no_grad():
-                target_feat = self.vgg(batch, layers=[CONTENT_LAYER])[CONTENT_LAYER]
-            output_feat = self.vgg(output, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+                target_feat = self.vgg.content(batch)
+            output_feat = self.vgg.content(output)
             main = feature_loss(output_feat, target_feat)
         else:
             main = pixel_loss(output, batch)

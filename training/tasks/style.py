@@ -62,7 +62,7 @@ def perceptual_terms(
     """The weighted terms of the style-transfer objective for a batch of outputs."""
     out_feats = vgg(output)
     with torch.no_grad():
-        target = vgg(content, layers=[CONTENT_LAYER])[CONTENT_LAYER]
+        target = vgg.content(content)
     return {
         "content": content_weight * feature_loss(out_feats[CONTENT_LAYER], target),
         "style": style_weight * style_loss(out_feats, grams),
