@@ -125,12 +125,15 @@ def _choice(
 ) -> StyleChoice:
     if ref.index is None:
         return StyleChoice(model=ref.model, styles=(ref.style,))
-    total = sum(weight for _, weight in items)
+    # Scaled by the largest weight before summing: finite weights such as 1e308 overflow a sum
+    # to inf, which made every share 0 (a grey picture) instead of an even mix.
+    largest = max(weight for _, weight in items)
+    total = sum(weight / largest for _, weight in items)
     slots: dict[int, float] = {}
     for name, weight in items:
         index = known[name].index
         assert index is not None
-        slots[index] = slots.get(index, 0.0) + weight / total
+        slots[index] = slots.get(index, 0.0) + weight / largest / total
     return StyleChoice(
         model=ref.model,
         slots=tuple(sorted(slots.items())),

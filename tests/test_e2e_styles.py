@@ -67,6 +67,7 @@ def test_styles_lists_every_public_slot(client: httpx.Client) -> None:
         ("style=ms_b", [0.0, 0.0, 1.0]),
         ("mix=ms_a:0.7,ms_b:0.3", [0.0, 0.7, 0.3]),
         ("mix=ms_a:7,ms_b:3&strength=0.5", [0.5, 0.35, 0.15]),
+        ("mix=ms_a:1e308,ms_b:1e308", [0.0, 0.5, 0.5]),  # huge weights: no overflow to inf
         ("style=ms_b&strength=0", [1.0, 0.0, 0.0]),
     ],
 )
