@@ -89,7 +89,23 @@ def _whole_number(value: object) -> object:
     return value
 
 
-router = APIRouter()
+def _no_repeated_query_parameters(request: Request) -> None:
+    """``?style=mosaic&style=candy`` is refused, not read as one of them: every parameter
+    here takes one value, and a client that sends two has a bug it should hear about."""
+    counts: dict[str, int] = {}
+    for name, _ in request.query_params.multi_items():
+        counts[name] = counts.get(name, 0) + 1
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        raise ApiError(
+            422,
+            "repeated_parameter",
+            f"each query parameter takes one value; given more than once: {', '.join(repeated)}",
+            parameters=repeated,
+        )
+
+
+router = APIRouter(dependencies=[Depends(_no_repeated_query_parameters)])
 
 
 def _settings(request: Request) -> ApiSettings:
@@ -133,7 +149,12 @@ async def stylize(
     ] = None,
     strength: Annotated[
         float,
-        Query(ge=0.0, le=1.0, description="How much style, 0..1 (1 = full; README: how)."),
+        Query(
+            ge=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            description="How much style, 0..1 (1 = full; README: how).",
+        ),
     ] = 1.0,
     keep_colors: Annotated[
         bool,

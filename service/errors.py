@@ -103,10 +103,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, exc.code, exc.detail)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in exc.errors()
-        ]
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            entry = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
+            allowed = _allowed_range(request, entry.get("loc", ()))
+            if allowed:
+                entry["allowed"] = allowed
+            errors.append(entry)
         return error_response(422, "invalid_request", errors)
 
     @app.exception_handler(StarletteHTTPException)
@@ -130,6 +134,25 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(503, "manifest_unavailable", str(exc), {"Retry-After": retry})
 
     app.add_middleware(UnexpectedErrorMiddleware)
+
+
+def _allowed_range(request: Request, loc: Any) -> str | None:
+    """``"0 <= strength <= 1"`` for a bounded query parameter, read from the route's OpenAPI
+    schema (the one source of the bounds): pydantic's message names only the bound that was
+    crossed, and for ``strength=nan`` a bound that nan did not cross."""
+    if len(loc) != 2 or loc[0] != "query":
+        return None
+    path = getattr(request.scope.get("route"), "path_format", None)
+    operation = request.app.openapi().get("paths", {}).get(path, {}).get(request.method.lower())
+    for param in (operation or {}).get("parameters", []):
+        if param.get("in") != "query" or param.get("name") != loc[1]:
+            continue
+        schema = param.get("schema", {})
+        for option in [schema, *schema.get("anyOf", [])]:
+            low, high = option.get("minimum"), option.get("maximum")
+            if low is not None or high is not None:
+                return " <= ".join(str(v) for v in (low, loc[1], high) if v is not None)
+    return None
 
 
 class UnexpectedErrorMiddleware:

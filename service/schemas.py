@@ -121,7 +121,11 @@ ERRORS: dict[int, dict[str, Any]] = {
         "Invalid parameter: factor, mode, format, style/mix, model of the wrong kind.",
         ("invalid_factor", "factor must be one of [4, 8], not 3"),
         ("model_kind_mismatch", "'x4' is an upscaling model; use POST /upscale?model=x4"),
-        ("invalid_request", "[{'loc': ['query', 'strength'], 'msg': '...'}]"),
+        (
+            "invalid_request",
+            "[{'loc': ['query', 'strength'], 'msg': '...', 'allowed': '0.0 <= strength <= 1.0'}]",
+        ),
+        ("repeated_parameter", "each query parameter takes one value; given more than once: style"),
     ),
     429: _error(
         "Over the key's submission rate.",

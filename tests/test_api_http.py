@@ -253,6 +253,12 @@ BAD_UPLOADS = [
      {"files": multipart(png())}, 422, "invalid_request"),
     ("max_side too small", "/stylize?style=mosaic&max_side=4", {"files": multipart(png())},
      422, "invalid_request"),
+    ("strength nan", "/stylize?style=mosaic&strength=nan", {"files": multipart(png())},
+     422, "invalid_request"),
+    ("style given twice", "/stylize?style=mosaic&style=tiny_style", {"files": multipart(png())},
+     422, "repeated_parameter"),
+    ("factor given twice", "/upscale?factor=4&factor=8", {"files": multipart(png())},
+     422, "repeated_parameter"),
     ("keep_colors not a bool", "/stylize?style=mosaic&keep_colors=maybe",
      {"files": multipart(png())}, 422, "invalid_request"),
     ("mix with a negative weight", "/stylize?mix=mosaic:-1", {"files": multipart(png())},
@@ -300,6 +306,37 @@ def test_bad_input_is_a_clear_4xx(
     if code == "invalid_factor":
         assert body["factors"] == [4, 8]
     assert stream_length(api) == 0  # nothing was queued for a worker
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter", "allowed"),
+    [
+        ("style=mosaic&strength=1.5", "strength", "0.0 <= strength <= 1.0"),
+        ("style=mosaic&strength=-inf", "strength", "0.0 <= strength <= 1.0"),
+        ("style=mosaic&strength=nan", "strength", "0.0 <= strength <= 1.0"),
+        ("style=mosaic&max_side=4", "max_side", "16 <= max_side <= 8192"),
+        ("style=mosaic&max_side=1e3", "max_side", "16 <= max_side <= 8192"),
+        ("style=mosaic&format=gif", "format", None),  # a choice: its message lists them
+    ],
+)
+def test_an_out_of_range_value_is_answered_with_the_allowed_range(
+    client: httpx.Client, query: str, parameter: str, allowed: str | None
+) -> None:
+    body = assert_error(
+        client.post(f"/stylize?{query}", files=multipart(png())), 422, "invalid_request"
+    )
+    (error,) = body["detail"]
+    assert error["loc"] == ["query", parameter]
+    assert error.get("allowed") == allowed
+    if "nan" in query:  # not "should be less than or equal to 1", which nan is not
+        assert "finite" in error["msg"]
+
+
+def test_a_repeated_parameter_names_itself(api: Api, client: httpx.Client) -> None:
+    resp = client.post("/stylize?style=mosaic&strength=0.5&style=mosaic", files=multipart(png()))
+    body = assert_error(resp, 422, "repeated_parameter")
+    assert body["parameters"] == ["style"] and "style" in body["detail"]
+    assert stream_length(api) == 0
 
 
 def test_chunked_upload_over_the_limit_is_413(api: Api, client: httpx.Client) -> None:
