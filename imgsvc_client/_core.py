@@ -26,7 +26,14 @@ MixInput = str | Mapping[str, float] | Sequence[tuple[str, float]]
 # A 503 job_failed (a job dead-lettered after its deliveries) is not: it would fail again.
 RETRYABLE_STATUS = (429, 503)
 RETRYABLE_CODES = frozenset(
-    {"queue_full", "queue_unavailable", "not_ready", "manifest_unavailable", "rate_limited"}
+    {
+        "queue_full",
+        "queue_busy",
+        "queue_unavailable",
+        "not_ready",
+        "manifest_unavailable",
+        "rate_limited",
+    }
 )
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 _TIMING = re.compile(r"^\s*([\w-]+);dur=([\d.]+)\s*$")

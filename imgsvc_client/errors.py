@@ -123,7 +123,8 @@ class ServiceUnavailable(ServiceError):
 
 
 class QueueFull(ServiceUnavailable):
-    """503 ``queue_full``: backpressure; ``retry_after`` says when to come back."""
+    """503 ``queue_full``, or ``queue_busy`` (more work queued ahead than the job's timeout
+    leaves): backpressure; ``retry_after`` says when to come back."""
 
 
 class RateLimited(ServiceUnavailable):
@@ -147,6 +148,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
     "unsupported_image": UnsupportedImage,
     "unsupported_media_type": UnsupportedImage,
     "queue_full": QueueFull,
+    "queue_busy": QueueFull,
     "queue_unavailable": ServiceUnavailable,
     "not_ready": ServiceUnavailable,
     "manifest_unavailable": ServiceUnavailable,

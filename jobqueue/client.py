@@ -30,12 +30,15 @@ from redis.retry import Retry
 from jobqueue.protocol import (
     CONSUMER_GROUP,
     FINAL_STATES,
+    LANES,
     Job,
     JobResult,
     JobStatus,
     Keys,
     ModelCost,
+    backlog_member,
     decode_costs,
+    parse_backlog_member,
 )
 
 _ENQUEUE_LUA = """
@@ -44,8 +47,9 @@ if depth >= tonumber(ARGV[1]) then
   return {0, depth}
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[2], '0', 'MKSTREAM')
-local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5))
+local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7))
 redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[6])
 return {id, depth + 1}
 """
 
@@ -104,6 +108,20 @@ class Enqueued:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """What is queued or running, per lane: estimated seconds and jobs."""
+
+    seconds: dict[str, float]
+    jobs: dict[str, int]
+
+    def ahead_of(self, lane: str) -> tuple[float, int]:
+        """(seconds, jobs) a new job of ``lane`` waits behind: a bulk job behind everything,
+        an interactive one behind the interactive lane only (workers pause bulk jobs for it)."""
+        lanes = LANES if lane == "bulk" else (lane,)
+        return sum(self.seconds[name] for name in lanes), sum(self.jobs[name] for name in lanes)
+
+
+@dataclass(frozen=True)
 class RateDecision:
     allowed: bool
     remaining: float
@@ -138,6 +156,8 @@ class JobQueue:
         self._token_bucket = self.redis.register_script(_TOKEN_BUCKET_LUA)
         self._costs: dict[str, ModelCost] = {}
         self._costs_read_at = -math.inf
+        self._workers = 0
+        self._workers_read_at = -math.inf
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobQueue:
@@ -168,8 +188,17 @@ class JobQueue:
                 self.keys.bulk_stream,
                 self.keys.lane_stream(job.lane),
                 self.keys.status(job.job_id),
+                self.keys.backlog,
             ],
-            args=[self.max_queue_depth, CONSUMER_GROUP, status, max(1, int(status_ttl_s)), *fields],
+            args=[
+                self.max_queue_depth,
+                CONSUMER_GROUP,
+                status,
+                max(1, int(status_ttl_s)),
+                repr(job.deadline),
+                backlog_member(job.lane, repr(job.cost_s), job.job_id),
+                *fields,
+            ],
         )
         if entry_id == 0:
             raise QueueFullError(int(depth), self.max_queue_depth)
@@ -182,6 +211,22 @@ class JobQueue:
                 pipe.xlen(stream)
             lengths = await pipe.execute()
         return int(sum(lengths))
+
+    async def backlog(self) -> Backlog:
+        """The estimated seconds of the jobs not yet answered, per lane (members past their
+        deadline are dropped first: such a job is never computed)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(self.keys.backlog, "-inf", f"({time.time()!r}")
+            pipe.zrange(self.keys.backlog, 0, -1)
+            _, members = await pipe.execute()
+        seconds = dict.fromkeys(LANES, 0.0)
+        jobs = dict.fromkeys(LANES, 0)
+        for member in members:
+            parsed = parse_backlog_member(_text(member))
+            if parsed is not None:
+                seconds[parsed[0]] += parsed[1]
+                jobs[parsed[0]] += 1
+        return Backlog(seconds, jobs)
 
     async def ensure_room(self) -> None:
         """Raise ``QueueFullError`` when the queue is full now: a cheap check made before the
@@ -284,12 +329,17 @@ class JobQueue:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
-    async def live_workers(self) -> int:
-        """Workers whose heartbeat key exists; a worker's key expires (TTL) when it dies."""
-        count = 0
-        async for _ in self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000):
-            count += 1
-        return count
+    async def live_workers(self, max_age_s: float = 0.0) -> int:
+        """Workers whose heartbeat key exists; a worker's key expires (TTL) when it dies.
+        ``max_age_s``: a count at most that old will do (a SCAN walks the whole keyspace, too
+        much for every submission)."""
+        now = time.monotonic()
+        if now - self._workers_read_at >= max_age_s:
+            count = 0
+            async for _ in self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000):
+                count += 1
+            self._workers, self._workers_read_at = count, now
+        return self._workers
 
 
 def is_final(status: JobStatus | None) -> bool:

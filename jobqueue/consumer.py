@@ -36,6 +36,7 @@ from jobqueue.protocol import (
     Keys,
     Lane,
     ModelCost,
+    backlog_member,
     decode_costs,
 )
 
@@ -68,6 +69,18 @@ class Entry:
         except (KeyError, UnicodeDecodeError):
             return None
         return job_id if JOB_ID_RE.match(job_id) else None
+
+
+def _backlog_member(entry: Entry) -> str | None:
+    """The member the enqueue added to the backlog set for ``entry`` (None: it has none)."""
+    job_id, fields = entry.job_id(), entry.fields or {}
+    if job_id is None or b"cost_s" not in fields:
+        return None
+    try:
+        cost = fields[b"cost_s"].decode()
+    except UnicodeDecodeError:
+        return None
+    return backlog_member(entry.lane, cost, job_id)
 
 
 @dataclass
@@ -115,7 +128,9 @@ class Outcome:
         )
 
     def commit(self, entries: Iterable[Entry]) -> None:
-        """Acknowledge and delete ``entries`` in the same transaction as everything stored."""
+        """Acknowledge and delete ``entries`` in the same transaction as everything stored,
+        and take them off the backlog the API's admission reads."""
+        entries = list(entries)
         by_stream: dict[str, list[str]] = {}
         for entry in entries:
             by_stream.setdefault(self.consumer.keys.lane_stream(entry.lane), []).append(
@@ -124,6 +139,9 @@ class Outcome:
         for stream, ids in by_stream.items():
             self.pipe.xack(stream, CONSUMER_GROUP, *ids)
             self.pipe.xdel(stream, *ids)
+        answered = [m for m in (_backlog_member(entry) for entry in entries) if m is not None]
+        if answered:
+            self.pipe.zrem(self.consumer.keys.backlog, *answered)
         self.pipe.execute()
 
 

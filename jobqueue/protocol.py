@@ -26,6 +26,7 @@ so a big job delays small ones by at most one forward pass.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -92,6 +93,14 @@ class Keys:
         """Hash: model name -> ``ModelCost`` JSON, written by workers, read by the API."""
         return f"{self.prefix}:costs"
 
+    @property
+    def backlog(self) -> str:
+        """Sorted set of the jobs not yet answered: member ``backlog_member(...)``, score the
+        job's deadline. Added by the enqueue, removed with the acknowledgement; a member past
+        its deadline is dropped when read (its job is never computed), so an entry a crashed
+        writer left behind cannot inflate the estimate for longer than one timeout."""
+        return f"{self.prefix}:backlog"
+
     def cost_probe(self, model: str, fingerprint: str) -> str:
         """Held (with a TTL) by the one worker probing ``model`` on hardware ``fingerprint``;
         workers starting with it wait for its figure instead of probing at the same time."""
@@ -123,6 +132,26 @@ class Keys:
     @property
     def heartbeat_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
+
+
+def backlog_member(lane: str, cost_s: str, job_id: str) -> str:
+    """The backlog set's member for a job: its lane, its estimated seconds exactly as the
+    stream entry's ``cost_s`` field spells them (so the worker rebuilds the same member from
+    the entry it acknowledges) and its id."""
+    return f"{lane}|{cost_s}|{job_id}"
+
+
+def parse_backlog_member(member: str) -> tuple[str, float] | None:
+    """(lane, estimated seconds) of a backlog member; None for one that does not parse."""
+    lane, _, rest = member.partition("|")
+    cost, _, job_id = rest.partition("|")
+    try:
+        seconds = float(cost)
+    except ValueError:
+        return None
+    if lane not in LANES or not job_id or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return lane, seconds
 
 
 @dataclass(frozen=True)

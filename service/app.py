@@ -21,6 +21,7 @@ result did not come in time (the job is cancelled, and stopped if a worker is co
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -464,6 +465,11 @@ async def _submit(
     except QueueFullError as exc:
         metrics_.jobs.labels(op, model, mode, "rejected").inc()
         raise _queue_full(settings, exc) from exc
+    if settings.admit_by_queue_wait:
+        busy = await _queue_wait_refusal(request, lane, estimate[0], timeout)
+        if busy is not None:
+            metrics_.jobs.labels(op, model, mode, "busy").inc()
+            raise busy
 
     decode_started = time.perf_counter()
     async with request.app.state.decode_slots:
@@ -535,6 +541,36 @@ async def _submit(
     )
     response.headers.update(extra_headers)
     return response
+
+
+async def _queue_wait_refusal(
+    request: Request, lane: Lane, own_s: float, timeout: float
+) -> ApiError | None:
+    """503 ``queue_busy`` when the job would wait past its timeout: the estimates of the jobs
+    ahead of it in its lane (queued or running) are shared among the live workers, and that
+    wait plus its own estimate must fit in the timeout. Without a live worker nothing can be
+    estimated and the job is queued for the next one (``/readyz`` says so)."""
+    queue = _queue(request)
+    workers = await queue.live_workers(max_age_s=2.0)
+    if workers == 0:
+        return None
+    ahead_s, ahead_jobs = (await queue.backlog()).ahead_of(lane)
+    wait_s = ahead_s / workers
+    if ahead_jobs == 0 or wait_s + own_s <= timeout:
+        return None
+    retry = max(_settings(request).retry_after_s, math.ceil(wait_s + own_s - timeout))
+    return ApiError(
+        503,
+        "queue_busy",
+        f"the {ahead_jobs} job(s) ahead of this one in the {lane} lane need about {wait_s:.1f} s "
+        f"on {workers} worker(s), and this one about {own_s:.1f} s more: past its {timeout:g} s "
+        f"timeout. Retry later (Retry-After), or with a smaller image.",
+        headers={"Retry-After": str(retry)},
+        wait_s=round(wait_s, 3),
+        estimated_s=round(own_s, 3),
+        limit_s=timeout,
+        workers=workers,
+    )
 
 
 def _queue_full(settings: ApiSettings, exc: QueueFullError) -> ApiError:

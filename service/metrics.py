@@ -96,7 +96,8 @@ class ApiMetrics:
         self.jobs = Counter(
             "imgsvc_jobs_total",
             "Jobs by operation, model, mode (sync, async) and outcome (accepted, ok, failed, "
-            "timeout, cancelled, client_gone, rejected, too_expensive).",
+            "timeout, cancelled, client_gone, rejected (queue full), busy (queue wait past the "
+            "timeout), too_expensive).",
             ["op", "model", "mode", "outcome"],
             registry=r,
         )

@@ -133,9 +133,10 @@ ERRORS: dict[int, dict[str, Any]] = {
         headers={"Retry-After": _H_RETRY_AFTER},
     ),
     503: _error(
-        "Queue full, Redis unreachable, or no worker could finish the job; retry after "
-        "Retry-After.",
+        "Queue full or busy past the job's timeout, Redis unreachable, or no worker could "
+        "finish the job; retry after Retry-After.",
         ("queue_full", "queue is full (64 jobs waiting, limit 64)"),
+        ("queue_busy", "the 9 job(s) ahead of this one in the bulk lane need about 71.0 s ..."),
         ("queue_unavailable", "the job queue is unreachable"),
         ("job_failed", "job abandoned: its worker died 3 times while computing it"),
         headers={"Retry-After": _H_RETRY_AFTER},

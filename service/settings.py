@@ -55,6 +55,13 @@ class ApiSettings(QueueSettings):
         "model's measured seconds per megapixel) fits in this fraction of its timeout; the "
         "rest of the time is left for queueing. Otherwise 413 job_too_expensive.",
     )
+    admit_by_queue_wait: bool = Field(
+        True,
+        description="Refuse a job (503 queue_busy + Retry-After) when the estimated compute "
+        "queued ahead of it in its lane, shared among the live workers, plus its own would not "
+        "finish within its timeout: the caller hears it at once instead of a 504 after "
+        "REQUEST_TIMEOUT_S.",
+    )
     bulk_lane_cost_s: float = Field(
         2.0,
         ge=0,

@@ -29,6 +29,7 @@ import pytest
 import redis
 from PIL import Image
 
+from imgsvc_client import Client, QueueFull, RetryPolicy
 from jobqueue.protocol import Job, JobResult, JobStatus, Keys, ModelCost
 from service.launch import Child, free_port, start_api, start_worker, wait_http
 
@@ -387,3 +388,46 @@ def test_async_jobs_are_counted_once_with_their_latency(stack: Stack) -> None:
     assert metric(text, "imgsvc_jobs_total", outcome="ok", **labels) == 1
     assert metric(text, "imgsvc_image_latency_seconds_count", **labels) == 1
     assert metric(text, "imgsvc_compute_seconds_count", op="upscale", model="x4") == 1
+
+
+def test_a_job_that_would_wait_past_its_timeout_is_refused_at_once(stack: Stack) -> None:
+    """A synchronous job queued behind more work than its timeout leaves (here a medium job
+    in the bulk lane behind an 8 s async job) is answered 503 ``queue_busy`` at once, not 504
+    after ``REQUEST_TIMEOUT_S``; a small job, whose lane is empty, is still served; and once
+    the big job is gone (DELETE: its worker takes it off the backlog) the medium job is too."""
+    big_side, medium_side = side_for(stack, "tiny_style", 8.0), side_for(stack, "tiny_style", 1.0)
+    medium = png(medium_side, medium_side, 6)
+    with stack.client() as http:
+        big = http.post("/stylize?style=tiny_style&mode=async", content=png(big_side, big_side, 5),
+                        headers={"content-type": "image/png"})  # fmt: skip
+        assert big.status_code == 202, big.text
+        job_id = big.json()["job_id"]
+        wait_for(lambda: status_of(stack, job_id) == "running", 30, "big job running", stack)
+        started = time.monotonic()
+        busy = http.post("/stylize?style=tiny_style", content=medium,
+                         headers={"content-type": "image/png"})  # fmt: skip
+        assert time.monotonic() - started < 1.5  # refused, not waited out (3 s timeout)
+        assert busy.status_code == 503, busy.text
+        body = busy.json()
+        assert body["error"] == "queue_busy" and body["workers"] == 1
+        assert body["wait_s"] > REQUEST_TIMEOUT_S and body["limit_s"] == REQUEST_TIMEOUT_S
+        assert "bulk lane" in body["detail"]
+        assert int(busy.headers["Retry-After"]) >= body["wait_s"] - REQUEST_TIMEOUT_S
+        assert stack.redis().xlen(stack.keys.bulk_stream) == 1  # only the big job
+        # The Python client reads it as backpressure, like a full queue.
+        policy = RetryPolicy(max_retries=0)
+        with Client(stack.url, retry=policy) as client, pytest.raises(QueueFull) as caught:
+            client.stylize(medium, "tiny_style")
+        assert caught.value.code == "queue_busy" and caught.value.retry_after
+        small = http.post("/stylize?style=tiny_style", files={"image": ("s.png", png(48, 32))})
+        assert small.status_code == 200, small.text
+
+        assert http.delete(big.json()["status_url"]).status_code == 200
+        wait_for(lambda: stopped_lines(stack, job_id), 10, "the big job stopped", stack)
+        wait_for(lambda: stack.redis().zcard(stack.keys.backlog) == 0, 5, "backlog empty", stack)
+        served = http.post("/stylize?style=tiny_style", content=medium,
+                           headers={"content-type": "image/png"})  # fmt: skip
+        assert served.status_code == 200, served.text
+    text = httpx.get(stack.url + "/metrics").text
+    assert metric(text, "imgsvc_jobs_total", op="stylize", model="tiny_style", mode="sync",
+                  outcome="busy") >= 1  # fmt: skip

@@ -146,6 +146,7 @@ function describeError(err) {
     corrupt_image: "This image file is damaged or truncated.",
     empty_body: "This file is empty.",
     queue_full: `The service is busy: its queue is full.${later}`,
+    queue_busy: `The service is busy: this image would wait too long in the queue.${later}`,
     queue_unavailable: `The service is temporarily unavailable.${later}`,
     manifest_unavailable: "The service cannot read its model list right now.",
     timeout: "The job took too long and was cancelled.",
@@ -165,7 +166,7 @@ function describeError(err) {
     forbidden: "This API key may not do that.",
   };
   const message = messages[err.code] ?? `The request failed.`;
-  const retry = ["queue_full", "queue_unavailable", "timeout", "job_expired", "unknown_job",
+  const retry = ["queue_full", "queue_busy", "queue_unavailable", "timeout", "job_expired", "unknown_job",
     "rate_limited", "missing_api_key", "invalid_api_key", "request_timeout"]
     .includes(err.code) || err.status >= 500;
   return { message, detail: `${detail} ${code}`.trim(), retry };
