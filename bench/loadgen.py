@@ -132,6 +132,14 @@ class LevelResult:
             "requests": len(self.samples),
             "ok": len(ok),
             "errors": dict(sorted(errors.items())),
+            # How fast a refusal comes: a 503 in milliseconds and a 504 after the whole
+            # timeout are both errors, but only one leaves the caller waiting.
+            "error_p50_ms": {
+                status: summarize(
+                    x.latency_s * 1000.0 for x in self.samples if str(x.status) == status
+                )["p50"]
+                for status in sorted(errors)
+            },
             "error_rate": (len(self.samples) - len(ok)) / len(self.samples)
             if self.samples
             else 0.0,
@@ -419,7 +427,10 @@ def _progress_line(level: LevelResult) -> str:
     s = level.summary()
     lat = s["latency_ms"]
     where = f"c={level.concurrency}" if level.mode == "closed" else f"rate={level.rate:g}/s"
-    errors = ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "none"
+    errors = (
+        ",".join(f"{k}:{v}@{s['error_p50_ms'][k] / 1000:.1f}s" for k, v in s["errors"].items())
+        or "none"
+    )
     return (
         f"[load] {where:>10}  n={s['requests']:<4} ok={s['ok']:<4} "
         f"img/s={s['images_per_s']:.2f}  p50={lat['p50']:.0f}ms p99={lat['p99']:.0f}ms "

@@ -142,7 +142,14 @@ def load_markdown(levels: Sequence[dict[str, Any]]) -> str:
     rows = []
     for s in levels:
         lat = s["latency_ms"]
-        errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
+        answered = s.get("error_p50_ms", {})  # absent from reports written before it
+        errors = (
+            ", ".join(
+                f"{k}: {v}" + (f" (p50 {answered[k]:.0f} ms)" if k in answered else "")
+                for k, v in s["errors"].items()
+            )
+            or "0"
+        )
         rows.append(
             [
                 s["mode"],

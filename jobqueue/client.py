@@ -41,13 +41,35 @@ from jobqueue.protocol import (
     parse_backlog_member,
 )
 
+# ARGV: max depth, group, status, status TTL, deadline, backlog member, the most seconds of
+# work that may be ahead of the job (negative: no limit), now, lane, then the entry's fields.
+# Returns {entry id, depth}, {0, depth} when full, {-1, depth, seconds ahead, jobs ahead} when
+# the work ahead of the job is over the limit. The backlog is summed here, in the same script
+# as the XADD, so a burst of submissions cannot all pass a check made before any was queued.
 _ENQUEUE_LUA = """
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2])
 if depth >= tonumber(ARGV[1]) then
   return {0, depth}
 end
+local limit = tonumber(ARGV[7])
+if limit >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
+  local ahead, jobs = 0, 0
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+    local lane, cost = string.match(member, '^([^|]+)|([^|]+)|.')
+    local seconds = tonumber(cost or '')
+    if lane and (ARGV[9] == 'bulk' or lane == ARGV[9]) and seconds and seconds == seconds
+        and seconds >= 0 and seconds < math.huge then
+      ahead = ahead + seconds
+      jobs = jobs + 1
+    end
+  end
+  if jobs > 0 and ahead > limit then
+    return {-1, depth, tostring(ahead), jobs}
+  end
+end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[2], '0', 'MKSTREAM')
-local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7))
+local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 10))
 redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[6])
 return {id, depth + 1}
@@ -86,6 +108,15 @@ class QueueFullError(Exception):
         super().__init__(f"queue is full ({depth} jobs waiting, limit {limit})")
         self.depth = depth
         self.limit = limit
+
+
+class QueueBusyError(Exception):
+    """More estimated work is ahead of the job in its lane than its caller may wait for."""
+
+    def __init__(self, ahead_s: float, jobs: int) -> None:
+        super().__init__(f"{jobs} job(s), about {ahead_s:.1f} s of work, ahead of this one")
+        self.ahead_s = ahead_s
+        self.jobs = jobs
 
 
 class JobTimeoutError(Exception):
@@ -176,13 +207,16 @@ class JobQueue:
 
     # ------------------------------------------------------------------------ submitting
 
-    async def enqueue(self, job: Job, *, status_ttl_s: int) -> Enqueued:
-        """Add ``job`` to its lane unless the queue is full (``QueueFullError``)."""
+    async def enqueue(
+        self, job: Job, *, status_ttl_s: int, max_ahead_s: float | None = None
+    ) -> Enqueued:
+        """Add ``job`` to its lane unless the queue is full (``QueueFullError``) or more than
+        ``max_ahead_s`` estimated seconds of work are ahead of it (``QueueBusyError``)."""
         status = JobStatus.for_job(job, "queued").encode()
         fields: list[Any] = []
         for name, value in job.to_fields().items():
             fields += [name, value]
-        entry_id, depth = await self._enqueue(
+        entry_id, depth, *rest = await self._enqueue(
             keys=[
                 self.keys.stream,
                 self.keys.bulk_stream,
@@ -197,11 +231,16 @@ class JobQueue:
                 max(1, int(status_ttl_s)),
                 repr(job.deadline),
                 backlog_member(job.lane, repr(job.cost_s), job.job_id),
+                -1 if max_ahead_s is None else repr(max_ahead_s),
+                repr(time.time()),
+                job.lane,
                 *fields,
             ],
         )
         if entry_id == 0:
             raise QueueFullError(int(depth), self.max_queue_depth)
+        if entry_id == -1:
+            raise QueueBusyError(float(_text(rest[0])), int(rest[1]))
         return Enqueued(job.job_id, _text(entry_id), int(depth))
 
     async def depth(self) -> int:

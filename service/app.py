@@ -39,6 +39,7 @@ from jobqueue.client import (
     JobAbandonedError,
     JobQueue,
     JobTimeoutError,
+    QueueBusyError,
     QueueFullError,
     ResultMissingError,
 )
@@ -465,11 +466,14 @@ async def _submit(
     except QueueFullError as exc:
         metrics_.jobs.labels(op, model, mode, "rejected").inc()
         raise _queue_full(settings, exc) from exc
-    if settings.admit_by_queue_wait:
-        busy = await _queue_wait_refusal(request, lane, estimate[0], timeout)
-        if busy is not None:
+    # The work this job may queue behind (None: no limit), checked here before decoding and
+    # again, exactly, by the enqueue.
+    workers, max_ahead_s = await _queue_wait_limit(request, estimate[0], timeout)
+    if max_ahead_s is not None:
+        ahead_s, ahead_jobs = (await queue.backlog()).ahead_of(lane)
+        if ahead_jobs and ahead_s > max_ahead_s:
             metrics_.jobs.labels(op, model, mode, "busy").inc()
-            raise busy
+            raise _queue_busy(lane, ahead_s, ahead_jobs, workers, estimate[0], timeout)
 
     decode_started = time.perf_counter()
     async with request.app.state.decode_slots:
@@ -501,10 +505,15 @@ async def _submit(
     del image
     job_info["job_id"] = job.job_id
     try:
-        enqueued = await queue.enqueue(job, status_ttl_s=int(timeout + settings.result_ttl_s))
+        enqueued = await queue.enqueue(
+            job, status_ttl_s=int(timeout + settings.result_ttl_s), max_ahead_s=max_ahead_s
+        )
     except QueueFullError as exc:
         metrics_.jobs.labels(op, model, mode, "rejected").inc()
         raise _queue_full(settings, exc) from exc
+    except QueueBusyError as exc:
+        metrics_.jobs.labels(op, model, mode, "busy").inc()
+        raise _queue_busy(lane, exc.ahead_s, exc.jobs, workers, estimate[0], timeout) from exc
     job.pixels = b""
     metrics_.queue_depth.set(enqueued.depth)
     metrics_.estimated_cost.labels(op, model).observe(estimate[0])
@@ -543,27 +552,32 @@ async def _submit(
     return response
 
 
-async def _queue_wait_refusal(
-    request: Request, lane: Lane, own_s: float, timeout: float
-) -> ApiError | None:
-    """503 ``queue_busy`` when the job would wait past its timeout: the estimates of the jobs
-    ahead of it in its lane (queued or running) are shared among the live workers, and that
-    wait plus its own estimate must fit in the timeout. Without a live worker nothing can be
-    estimated and the job is queued for the next one (``/readyz`` says so)."""
-    queue = _queue(request)
-    workers = await queue.live_workers(max_age_s=2.0)
+async def _queue_wait_limit(
+    request: Request, own_s: float, timeout: float
+) -> tuple[int, float | None]:
+    """(live workers, the most estimated seconds of work that may be queued ahead of a job)
+    for ``ADMIT_BY_QUEUE_WAIT``: the work ahead is shared among the live workers, and that
+    wait plus the job's own estimate must fit in its timeout. None: no limit (the setting is
+    off, or no worker is alive, so nothing can be estimated and the job waits for the next
+    one, as ``/readyz`` says)."""
+    if not _settings(request).admit_by_queue_wait:
+        return 0, None
+    workers = await _queue(request).live_workers(max_age_s=2.0)
     if workers == 0:
-        return None
-    ahead_s, ahead_jobs = (await queue.backlog()).ahead_of(lane)
-    wait_s = ahead_s / workers
-    if ahead_jobs == 0 or wait_s + own_s <= timeout:
-        return None
-    retry = max(_settings(request).retry_after_s, math.ceil(wait_s + own_s - timeout))
+        return 0, None
+    return workers, max(0.0, timeout - own_s) * workers
+
+
+def _queue_busy(
+    lane: Lane, ahead_s: float, jobs: int, workers: int, own_s: float, timeout: float
+) -> ApiError:
+    wait_s = ahead_s / max(1, workers)
+    retry = max(1, math.ceil(wait_s + own_s - timeout))
     return ApiError(
         503,
         "queue_busy",
-        f"the {ahead_jobs} job(s) ahead of this one in the {lane} lane need about {wait_s:.1f} s "
-        f"on {workers} worker(s), and this one about {own_s:.1f} s more: past its {timeout:g} s "
+        f"the {jobs} job(s) ahead of this one in the {lane} lane need about {wait_s:.1f} s on "
+        f"{workers} worker(s), and this one about {own_s:.1f} s more: past its {timeout:g} s "
         f"timeout. Retry later (Retry-After), or with a smaller image.",
         headers={"Retry-After": str(retry)},
         wait_s=round(wait_s, 3),

@@ -153,6 +153,7 @@ def test_errors_are_counted_by_status(tiny_server: str) -> None:
     )
     s = lvl.summary()
     assert s["ok"] == 0 and s["errors"] == {"503": 4}
+    assert 0 < s["error_p50_ms"]["503"] < 5000  # how long a refusal took to come
     assert all(smp.retry_after == "1" for smp in lvl.samples)
 
 

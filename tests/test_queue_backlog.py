@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jobqueue.client import JobQueue
+from jobqueue.client import JobQueue, QueueBusyError
 from jobqueue.consumer import Consumer, Outcome
 from jobqueue.protocol import Job, Keys, backlog_member, parse_backlog_member
 
@@ -48,6 +48,43 @@ def test_the_backlog_is_what_is_queued_until_a_worker_answers_it(redis_server: s
         finally:
             await queue.close()
             consumer.close()
+
+    asyncio.run(go())
+
+
+def test_the_enqueue_refuses_exactly_the_jobs_past_the_limit_even_in_a_burst(
+    redis_server: str,
+) -> None:
+    """Six 1 s bulk jobs submitted at once, each allowed 2.5 s of work ahead of it: exactly
+    three are queued, whatever the order (the sum is taken in the enqueue's own script);
+    an interactive job does not queue behind bulk ones, a bulk job behind both lanes."""
+
+    async def go() -> None:
+        queue = JobQueue(redis_server, KEYS, max_queue_depth=64, result_ttl_s=60)
+        try:
+            # Members no enqueue writes (a bad estimate, another format) count for nothing.
+            later = time.time() + 60
+            bogus = {"bulk|nan|a": later, "bulk|inf|b": later, "bulk|-1|c": later, "junk": later}
+            await queue.redis.zadd(KEYS.backlog, bogus)
+            outcomes = await asyncio.gather(
+                *(queue.enqueue(job(1.0, "bulk"), status_ttl_s=60, max_ahead_s=2.5)
+                  for _ in range(6)),
+                return_exceptions=True,
+            )  # fmt: skip
+            refused = [o for o in outcomes if isinstance(o, QueueBusyError)]
+            assert len(refused) == 3 and len(outcomes) - len(refused) == 3, outcomes
+            assert all(r.jobs == 3 and r.ahead_s == 3.0 for r in refused)
+            assert await queue.depth() == 3
+            # 3 s of bulk work is not ahead of an interactive job...
+            await queue.enqueue(job(0.5), status_ttl_s=60, max_ahead_s=0.1)
+            # ...but 3.5 s of both lanes is ahead of a bulk one; no limit, no refusal.
+            with pytest.raises(QueueBusyError) as caught:
+                await queue.enqueue(job(1.0, "bulk"), status_ttl_s=60, max_ahead_s=3.4)
+            assert (caught.value.ahead_s, caught.value.jobs) == (3.5, 4)
+            await queue.enqueue(job(1.0, "bulk"), status_ttl_s=60)
+            assert await queue.depth() == 5
+        finally:
+            await queue.close()
 
     asyncio.run(go())
 
