@@ -467,9 +467,11 @@ class Engine:
         if timings["fp32"] >= MIN_REDUCED_SPEEDUP * timings[self.precision]:
             return self.precision
         log.info(
-            "model %s: %s is not faster than fp32 here (%.1f vs %.1f ms at %d px); serving fp32",
+            "model %s: %s is not %.2gx faster than fp32 here (%.1f vs %.1f ms at %d px); "
+            "serving fp32",
             model.name,
             self.precision,
+            MIN_REDUCED_SPEEDUP,
             timings[self.precision],
             timings["fp32"],
             SPEED_PROBE_SIDE,
