@@ -45,15 +45,16 @@ from jobqueue.protocol import (
 # work that may be ahead of the job (negative: no limit), now, lane, then the entry's fields.
 # Returns {entry id, depth}, {0, depth} when full, {-1, depth, seconds ahead, jobs ahead} when
 # the work ahead of the job is over the limit. The backlog is summed here, in the same script
-# as the XADD, so a burst of submissions cannot all pass a check made before any was queued.
+# as the XADD, so a burst of submissions cannot all pass a check made before any was queued;
+# members past their deadline are pruned on every enqueue, with the limit or without.
 _ENQUEUE_LUA = """
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2])
 if depth >= tonumber(ARGV[1]) then
   return {0, depth}
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
 local limit = tonumber(ARGV[7])
 if limit >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
   local ahead, jobs = 0, 0
   for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
     local lane, cost = string.match(member, '^([^|]+)|([^|]+)|.')

@@ -9,9 +9,10 @@ processes reading the same Redis streams (``jobqueue.client`` is the API's side 
 A submission is refused as early and as cheaply as possible, in this order: auth and rate limit
 (before the body is read); the upload's byte size (``Content-Length``, then while reading); the
 header's pixel limits; the job's estimated compute against its timeout (413
-``job_too_expensive``); a full queue (503) - all before decoding, permanent refusals before the
-transient one, so a retry is only suggested when it can help. Then decoding, at most
-``MAX_CONCURRENT_DECODES`` at a time, and the exact, atomic queue check of the enqueue.
+``job_too_expensive``); a full queue (503 ``queue_full``); more work queued ahead of the job
+than its timeout leaves (503 ``queue_busy``) - all before decoding, permanent refusals before
+the transient ones, so a retry is only suggested when it can help. Then decoding, at most
+``MAX_CONCURRENT_DECODES`` at a time, and the exact, atomic queue checks of the enqueue.
 
 Every error is JSON ``{"error": <code>, "detail": <message or list>, ...}`` with a 4xx status for
 bad input, 503 (with ``Retry-After``) when the queue is full or Redis is unreachable, 504 when the

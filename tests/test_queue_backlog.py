@@ -83,6 +83,11 @@ def test_the_enqueue_refuses_exactly_the_jobs_past_the_limit_even_in_a_burst(
             assert (caught.value.ahead_s, caught.value.jobs) == (3.5, 4)
             await queue.enqueue(job(1.0, "bulk"), status_ttl_s=60)
             assert await queue.depth() == 5
+            # Every enqueue prunes what is past its deadline, so the set cannot grow without
+            # bound where nothing reads it (ADMIT_BY_QUEUE_WAIT=false).
+            await queue.redis.zadd(KEYS.backlog, {"bulk|1.0|old": time.time() - 1})
+            await queue.enqueue(job(1.0, "bulk"), status_ttl_s=60)
+            assert await queue.redis.zscore(KEYS.backlog, "bulk|1.0|old") is None
         finally:
             await queue.close()
 
