@@ -214,6 +214,17 @@ def cheap_costs(stack: Stack, model: str) -> published_cost:
     return published_cost(stack, model, ModelCost(model, 1e-4, worker="test"))
 
 
+def start_big_async_job(stack: Stack, http: httpx.Client, seed: int) -> httpx.Response:
+    """An async job estimated at 8 s, once the worker is running it (its 202 answer)."""
+    side = side_for(stack, "tiny_style", 8.0)
+    big = http.post("/stylize?style=tiny_style&mode=async", content=png(side, side, seed),
+                    headers={"content-type": "image/png"})  # fmt: skip
+    assert big.status_code == 202, big.text
+    job_id = big.json()["job_id"]
+    wait_for(lambda: status_of(stack, job_id) == "running", 30, "big job running", stack)
+    return big
+
+
 def test_the_worker_measures_and_publishes_its_cost(stack: Stack) -> None:
     for model, factor in (("tiny_style", 1), ("mosaic", 1), ("x4", 4), ("x8", 8)):
         measured = cost(stack, model)
@@ -277,13 +288,9 @@ def test_a_big_job_pauses_for_small_ones_and_delete_stops_it(stack: Stack) -> No
     synchronous requests sent meanwhile are answered between its forward passes, and
     ``DELETE /jobs/{id}`` stops it at the next pass."""
     before = httpx.get(stack.worker_metrics).text
-    side = side_for(stack, "tiny_style", 8.0)
     with stack.client() as http:
-        big = http.post("/stylize?style=tiny_style&mode=async", content=png(side, side, 1),
-                        headers={"content-type": "image/png"})  # fmt: skip
-        assert big.status_code == 202, big.text
+        big = start_big_async_job(stack, http, seed=1)
         job_id = big.json()["job_id"]
-        wait_for(lambda: status_of(stack, job_id) == "running", 30, "big job running", stack)
         latencies = []
         for seed in range(3):
             started = time.monotonic()
@@ -395,14 +402,11 @@ def test_a_job_that_would_wait_past_its_timeout_is_refused_at_once(stack: Stack)
     in the bulk lane behind an 8 s async job) is answered 503 ``queue_busy`` at once, not 504
     after ``REQUEST_TIMEOUT_S``; a small job, whose lane is empty, is still served; and once
     the big job is gone (DELETE: its worker takes it off the backlog) the medium job is too."""
-    big_side, medium_side = side_for(stack, "tiny_style", 8.0), side_for(stack, "tiny_style", 1.0)
+    medium_side = side_for(stack, "tiny_style", 1.0)
     medium = png(medium_side, medium_side, 6)
     with stack.client() as http:
-        big = http.post("/stylize?style=tiny_style&mode=async", content=png(big_side, big_side, 5),
-                        headers={"content-type": "image/png"})  # fmt: skip
-        assert big.status_code == 202, big.text
+        big = start_big_async_job(stack, http, seed=5)
         job_id = big.json()["job_id"]
-        wait_for(lambda: status_of(stack, job_id) == "running", 30, "big job running", stack)
         started = time.monotonic()
         busy = http.post("/stylize?style=tiny_style", content=medium,
                          headers={"content-type": "image/png"})  # fmt: skip
