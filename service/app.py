@@ -35,6 +35,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BeforeValidator
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.gzip import GZipMiddleware
 
 from jobqueue.client import (
     JobAbandonedError,
@@ -68,6 +69,7 @@ from service.uploads import read_image_body
 from service.web import install_web
 
 UPSCALE_FACTORS = (4, 8)
+GZIP_MIN_BYTES = 1024
 PROBE_TIMEOUT_S = 2.0
 
 FormatParam = Literal["png", "jpeg", "jpg", "webp"]
@@ -692,6 +694,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     install_web(app)
+    # JSON and text for clients that accept gzip (GET /styles is ~50 KB of evaluation figures,
+    # ~6 KB compressed); Starlette leaves PNG / JPEG / WebP answers alone by content type.
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=6)
     app.add_middleware(AccessGuard)
     app.add_middleware(RequestMiddleware, metrics=metrics_)
     return app

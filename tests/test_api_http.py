@@ -180,6 +180,18 @@ def test_healthz_styles_and_docs(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/openapi.json", "/styles"])
+def test_json_is_gzipped_for_clients_that_accept_it(client: httpx.Client, path: str) -> None:
+    plain = client.get(path, headers={"Accept-Encoding": "identity"})
+    packed = client.get(path, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    if len(plain.content) < 1024:  # not worth it: sent as it is
+        assert "content-encoding" not in packed.headers
+        return
+    assert packed.headers["content-encoding"] == "gzip" and packed.json() == plain.json()
+    assert int(packed.headers["content-length"]) < len(plain.content) / 3
+
+
 def test_readyz_without_worker_is_503(client: httpx.Client) -> None:
     body = assert_error(client.get("/readyz"), 503, "not_ready")
     assert body["redis"] is True and body["workers"] == 0

@@ -288,13 +288,23 @@ def test_grayscale_and_exif_rotated_inputs(stack: Stack, client: httpx.Client) -
     assert decode(resp).shape == (64, 48, 3)
 
 
-@pytest.mark.parametrize(("fmt", "content_type"), [("jpeg", "image/jpeg"), ("webp", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "content_type"),
+    [("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")],
+)
 def test_output_formats(client: httpx.Client, fmt: str, content_type: str) -> None:
-    resp = post_image(client, f"/stylize?style=mosaic&format={fmt}", image_array(20, 16))
+    # Big enough for the API's gzip (JSON only), which must leave compressed images alone.
+    resp = client.post(
+        f"/stylize?style=mosaic&format={fmt}",
+        files={"image": ("in.png", png_bytes(image_array(64, 48)), "image/png")},
+        headers={"Accept-Encoding": "gzip"},
+    )
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"] == content_type
+    assert "content-encoding" not in resp.headers
+    assert int(resp.headers["content-length"]) == len(resp.content) > 1024
     with Image.open(io.BytesIO(resp.content)) as img:
-        assert img.format == fmt.upper() and img.size == (20, 16)
+        assert img.format == fmt.upper() and img.size == (64, 48)
 
 
 def test_async_mode(stack: Stack, client: httpx.Client) -> None:
