@@ -30,44 +30,66 @@ from redis.retry import Retry
 from jobqueue.protocol import (
     CONSUMER_GROUP,
     FINAL_STATES,
-    LANES,
     Job,
     JobResult,
     JobStatus,
     Keys,
+    Lane,
     ModelCost,
     backlog_member,
     decode_costs,
-    parse_backlog_member,
+    lanes_ahead,
+)
+
+# Prunes the backlog set of members past ``now`` and sums the estimates of the rest that lie
+# in the comma-separated ``lanes``: {seconds, jobs}. Members that do not parse as
+# ``lane|seconds|id`` with a finite estimate >= 0 count for nothing. The one place the backlog
+# is summed: both the check before decoding and the enqueue's exact one run it.
+_SUM_BACKLOG_LUA = """
+local function sum_backlog(key, now, lanes)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
+  local wanted = {}
+  for lane in string.gmatch(lanes, '[^,]+') do wanted[lane] = true end
+  local total, jobs = 0, 0
+  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local lane, cost = string.match(member, '^([^|]+)|([^|]+)|.')
+    local seconds = tonumber(cost or '')
+    if lane and wanted[lane] and seconds and seconds == seconds and seconds >= 0
+        and seconds < math.huge then
+      total = total + seconds
+      jobs = jobs + 1
+    end
+  end
+  return total, jobs
+end
+"""
+
+# ARGV: now, lanes. Returns {seconds as a string, jobs}.
+_BACKLOG_LUA = (
+    _SUM_BACKLOG_LUA
+    + """
+local total, jobs = sum_backlog(KEYS[1], ARGV[1], ARGV[2])
+return {tostring(total), jobs}
+"""
 )
 
 # ARGV: max depth, group, status, status TTL, deadline, backlog member, the most seconds of
-# work that may be ahead of the job (negative: no limit), now, lane, then the entry's fields.
-# Returns {entry id, depth}, {0, depth} when full, {-1, depth, seconds ahead, jobs ahead} when
-# the work ahead of the job is over the limit. The backlog is summed here, in the same script
-# as the XADD, so a burst of submissions cannot all pass a check made before any was queued;
-# members past their deadline are pruned on every enqueue, with the limit or without.
-_ENQUEUE_LUA = """
+# work that may be ahead of the job (negative: no limit), now, the lanes ahead of it, then the
+# entry's fields. Returns {entry id, depth}, {0, depth} when full, {-1, depth, seconds ahead,
+# jobs ahead} when the work ahead of the job is over the limit. The backlog is summed here, in
+# the same script as the XADD, so a burst of submissions cannot all pass a check made before
+# any was queued; it is pruned on every enqueue, with the limit or without.
+_ENQUEUE_LUA = (
+    _SUM_BACKLOG_LUA
+    + """
 local depth = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2])
 if depth >= tonumber(ARGV[1]) then
   return {0, depth}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[8])
+local ahead, jobs = sum_backlog(KEYS[5], ARGV[8], ARGV[9])
 local limit = tonumber(ARGV[7])
-if limit >= 0 then
-  local ahead, jobs = 0, 0
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-    local lane, cost = string.match(member, '^([^|]+)|([^|]+)|.')
-    local seconds = tonumber(cost or '')
-    if lane and (ARGV[9] == 'bulk' or lane == ARGV[9]) and seconds and seconds == seconds
-        and seconds >= 0 and seconds < math.huge then
-      ahead = ahead + seconds
-      jobs = jobs + 1
-    end
-  end
-  if jobs > 0 and ahead > limit then
-    return {-1, depth, tostring(ahead), jobs}
-  end
+if limit >= 0 and jobs > 0 and ahead > limit then
+  return {-1, depth, tostring(ahead), jobs}
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[2], '0', 'MKSTREAM')
 local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 10))
@@ -75,6 +97,7 @@ redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[6])
 return {id, depth + 1}
 """
+)
 
 # Token bucket: ARGV = rate (tokens/s), burst, cost, ttl. Time from the Redis server, so API
 # replicas with skewed clocks share one bucket correctly. Returns {allowed, tokens*1000, wait ms}.
@@ -140,20 +163,6 @@ class Enqueued:
 
 
 @dataclass(frozen=True)
-class Backlog:
-    """What is queued or running, per lane: estimated seconds and jobs."""
-
-    seconds: dict[str, float]
-    jobs: dict[str, int]
-
-    def ahead_of(self, lane: str) -> tuple[float, int]:
-        """(seconds, jobs) a new job of ``lane`` waits behind: a bulk job behind everything,
-        an interactive one behind the interactive lane only (workers pause bulk jobs for it)."""
-        lanes = LANES if lane == "bulk" else (lane,)
-        return sum(self.seconds[name] for name in lanes), sum(self.jobs[name] for name in lanes)
-
-
-@dataclass(frozen=True)
 class RateDecision:
     allowed: bool
     remaining: float
@@ -185,6 +194,7 @@ class JobQueue:
             health_check_interval=30,
         )
         self._enqueue = self.redis.register_script(_ENQUEUE_LUA)
+        self._backlog = self.redis.register_script(_BACKLOG_LUA)
         self._token_bucket = self.redis.register_script(_TOKEN_BUCKET_LUA)
         self._costs: dict[str, ModelCost] = {}
         self._costs_read_at = -math.inf
@@ -234,7 +244,7 @@ class JobQueue:
                 backlog_member(job.lane, repr(job.cost_s), job.job_id),
                 -1 if max_ahead_s is None else repr(max_ahead_s),
                 repr(time.time()),
-                job.lane,
+                ",".join(lanes_ahead(job.lane)),
                 *fields,
             ],
         )
@@ -252,21 +262,13 @@ class JobQueue:
             lengths = await pipe.execute()
         return int(sum(lengths))
 
-    async def backlog(self) -> Backlog:
-        """The estimated seconds of the jobs not yet answered, per lane (members past their
-        deadline are dropped first: such a job is never computed)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(self.keys.backlog, "-inf", f"({time.time()!r}")
-            pipe.zrange(self.keys.backlog, 0, -1)
-            _, members = await pipe.execute()
-        seconds = dict.fromkeys(LANES, 0.0)
-        jobs = dict.fromkeys(LANES, 0)
-        for member in members:
-            parsed = parse_backlog_member(_text(member))
-            if parsed is not None:
-                seconds[parsed[0]] += parsed[1]
-                jobs[parsed[0]] += 1
-        return Backlog(seconds, jobs)
+    async def work_ahead(self, lane: Lane) -> tuple[float, int]:
+        """(estimated seconds, jobs) not yet answered that a new job of ``lane`` would wait
+        behind (members past their deadline are pruned first: such a job is never computed)."""
+        total, jobs = await self._backlog(
+            keys=[self.keys.backlog], args=[repr(time.time()), ",".join(lanes_ahead(lane))]
+        )
+        return float(_text(total)), int(jobs)
 
     async def ensure_room(self) -> None:
         """Raise ``QueueFullError`` when the queue is full now: a cheap check made before the

@@ -26,7 +26,6 @@ so a big job delays small ones by at most one forward pass.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
@@ -96,9 +95,10 @@ class Keys:
     @property
     def backlog(self) -> str:
         """Sorted set of the jobs not yet answered: member ``backlog_member(...)``, score the
-        job's deadline. Added by the enqueue, removed with the acknowledgement; a member past
-        its deadline is dropped when read (its job is never computed), so an entry a crashed
-        writer left behind cannot inflate the estimate for longer than one timeout."""
+        job's deadline. Added by the enqueue, removed with the acknowledgement; members past
+        their deadline are pruned by every enqueue and every read (their jobs are never
+        computed), so an entry a crashed writer left behind cannot inflate the estimate for
+        longer than one timeout."""
         return f"{self.prefix}:backlog"
 
     def cost_probe(self, model: str, fingerprint: str) -> str:
@@ -141,17 +141,10 @@ def backlog_member(lane: str, cost_s: str, job_id: str) -> str:
     return f"{lane}|{cost_s}|{job_id}"
 
 
-def parse_backlog_member(member: str) -> tuple[str, float] | None:
-    """(lane, estimated seconds) of a backlog member; None for one that does not parse."""
-    lane, _, rest = member.partition("|")
-    cost, _, job_id = rest.partition("|")
-    try:
-        seconds = float(cost)
-    except ValueError:
-        return None
-    if lane not in LANES or not job_id or not math.isfinite(seconds) or seconds < 0:
-        return None
-    return lane, seconds
+def lanes_ahead(lane: Lane) -> tuple[Lane, ...]:
+    """The lanes whose jobs a new job of ``lane`` waits behind: a bulk job behind every lane,
+    an interactive one behind its own only (workers pause bulk jobs for interactive ones)."""
+    return LANES if lane == "bulk" else (lane,)
 
 
 @dataclass(frozen=True)

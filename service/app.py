@@ -25,6 +25,7 @@ import asyncio
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -97,9 +98,7 @@ def _whole_number(value: object) -> object:
 def _no_repeated_query_parameters(request: Request) -> None:
     """``?style=mosaic&style=candy`` is refused, not read as one of them: every parameter
     here takes one value, and a client that sends two has a bug it should hear about."""
-    counts: dict[str, int] = {}
-    for name, _ in request.query_params.multi_items():
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for name, _ in request.query_params.multi_items())
     repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:
         raise ApiError(
@@ -473,7 +472,7 @@ async def _submit(
     # again, exactly, by the enqueue.
     workers, max_ahead_s = await _queue_wait_limit(request, estimate[0], timeout)
     if max_ahead_s is not None:
-        ahead_s, ahead_jobs = (await queue.backlog()).ahead_of(lane)
+        ahead_s, ahead_jobs = await queue.work_ahead(lane)
         if ahead_jobs and ahead_s > max_ahead_s:
             metrics_.jobs.labels(op, model, mode, "busy").inc()
             raise _queue_busy(lane, ahead_s, ahead_jobs, workers, estimate[0], timeout)
