@@ -6,10 +6,10 @@
   feature-loss model / HR, enlarged with nearest-neighbour so the pixels stay visible. The LR
   input is made with the training degradation (``training.data.degrade``), as in evaluation.
 
-The default photos are Kodak images: they are the only photos in ``../shared/data`` that may be
-redistributed (the benchmark sets may not), which matters for a file committed to the
-repository. They are part of the training set, so the gallery illustrates rather than proves;
-the held-out numbers are in the evaluation tables (``python -m evaluation``).
+The default photos are ``evaluation/photos`` (public domain / CC0, in no training set): a file
+committed to the repository may not show the benchmark sets, and the Kodak images it showed
+until 2026-12-03 are training photos, which flattered every model. A gallery illustrates; the
+held-out numbers are in the evaluation tables (``python -m evaluation``).
 """
 
 from __future__ import annotations

@@ -489,6 +489,31 @@ def test_a_resumed_run_may_regroup_its_parameters(tmp_path: Path) -> None:
         torch.testing.assert_close(three.state[p]["exp_avg_sq"], one.state[p]["exp_avg_sq"])
 
 
+def test_adam_moments_resume_in_their_parameters_layout(tmp_path: Path) -> None:
+    """The trainer's conv weights are channels_last; a checkpoint loads contiguous. CUDA's
+    fused Adam refuses moments whose strides differ from their parameter's (the 2026-12-04
+    lease's resume failed so), so the loaded moments take each parameter's layout."""
+    from training.checkpoint import RunState, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+    net = net.to(memory_format=torch.channels_last)
+    one = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.rand(2, 3, 9, 9)).sum().backward()
+    one.step()
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, net, one, RunState(iteration=1), 1.0)
+    two = torch.optim.Adam(net.parameters(), lr=1e-3)
+    load_checkpoint(path, net, two)
+    weight = net[0].weight
+    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    for p in net.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = two.state[p][key]
+            assert moment.stride() == p.stride(), key
+            torch.testing.assert_close(moment, one.state[p][key])
+
+
 def test_strength_uses_the_identity_slot_only_if_it_gives_the_photo_back(tmp_path: Path) -> None:
     from tests.conftest import add_tiny_multistyle, make_tiny_zoo
 

@@ -69,6 +69,14 @@ def save_checkpoint(
     os.replace(meta_tmp, path.with_suffix(".json"))
 
 
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` with ``param``'s device, dtype *and strides*. A checkpoint's tensors load
+    contiguous, the trainer's conv weights are channels_last, and CUDA's fused Adam refuses
+    moments whose layout differs from their parameter's ("params, grads, exp_avgs, and
+    exp_avg_sqs must have same dtype, device, and layout": the 2026-12-04 lease's resume)."""
+    return torch.empty_like(param).copy_(value)
+
+
 def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -85,9 +93,7 @@ def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
     for name, fields in state.items():
         param = by_name[name]
         optimizer.state[param] = {
-            k: (v.to(param.device) if step_on_device else v)
-            if k == "step"
-            else v.to(param.device, param.dtype)
+            k: (v.to(param.device) if step_on_device else v) if k == "step" else _like(param, v)
             for k, v in fields.items()
         }
     meta = json.loads(path.with_suffix(".json").read_text())

@@ -72,6 +72,18 @@ def identity_fidelity(source: Path, name: str) -> dict[str, Any] | None:
     }
 
 
+def record_identity_fidelity(entry: ModelEntry, source: Path) -> dict[str, Any] | None:
+    """Measure the identity slot of ``entry`` (its weights in zoo ``source``) into the slot's
+    metrics. Every path that ships new weights must do this: an identity slot without a
+    measurement is trusted (``model_zoo.manifest``), so a poor one would turn ``strength`` into
+    a blend through a slot that does not give the photo back."""
+    fidelity = identity_fidelity(source, entry.name)
+    for slot in entry.styles:
+        if slot.role == "identity" and fidelity is not None:
+            slot.metrics["fidelity"] = fidelity
+    return fidelity
+
+
 def promote(
     source: Path,
     name: str,
@@ -112,10 +124,7 @@ def promote(
             f"{name} would replace a better net: {verdict.reason()} (--force to promote it anyway)"
         )
     entry.training = {**entry.training, "gate": verdict.record() | {"forced": not verdict.accepted}}
-    fidelity = identity_fidelity(source, name)
-    for slot in entry.styles:
-        if slot.role == "identity" and fidelity is not None:
-            slot.metrics["fidelity"] = fidelity
+    record_identity_fidelity(entry, source)
     manifest = read_manifest(target)
     for old in retire or []:
         if old not in manifest.names():

@@ -389,7 +389,27 @@ def _capture(
         log.warning("CUDA graph capture failed, continuing eagerly: %r", exc)
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
+        _reset_cuda_rng(device)
         return None, repr(exc)[:500], steps
+
+
+def _reset_cuda_rng(device: torch.device) -> None:
+    """Give the default CUDA generator a fresh state after a failed capture.
+
+    A capture that fails inside ``torch.cuda.graph`` never runs the generator's capture
+    epilogue, so its state keeps the offsets it counted during the capture and every later
+    random draw, eager ones included, raises "Offset increment outside graph capture
+    encountered unexpectedly": the 2026-12-04 lease lost all five stages so. Swapping in a
+    new state object (``graphsafe_set_state``, the API CUDA graphs use to give each graph a
+    generator state) clears it; seeded off the old seed so the crops do not repeat. A trial
+    draw proves the generator works before the eager loop relies on it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    fresh = torch.Generator(device=device)
+    fresh.manual_seed(generator.initial_seed() + 1)
+    generator.graphsafe_set_state(fresh.graphsafe_get_state())
+    torch.randint(2, (1,), device=device)
+    torch.cuda.synchronize(device)
 
 
 def _describe(settings: TrainSettings, pack: Pack, report: StageReport) -> None:

@@ -75,6 +75,9 @@ WHEELS: dict[str, str] = {
     "fastapi": "gpu_check",
     "starlette": "gpu_check",
     "uvicorn": "gpu_check",
+    # service.server subclasses uvicorn's httptools protocol: uvicorn imports it, not our code,
+    # so the import audit cannot see it (the 2026-12-04 lease's API died on it)
+    "httptools": "gpu_check",
     "python-multipart": "gpu_check",
     "opentelemetry-api": "gpu_check",
     "fastapi-offline": "gpu_check",

@@ -133,7 +133,12 @@ class MultiStyleObjective:
         """The weighted penalty on the last forward's pre-squash logits beyond the limit."""
         s = self.task.settings
         assert self._logits is not None
-        excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
+        # Consumed, not kept: a tensor held past the step keeps its whole autograd graph
+        # alive, and with it the AccumulateGrad nodes the eager warm-up made on the default
+        # stream, which broke the CUDA graph capture of the 2026-12-04 lease ("The
+        # AccumulateGrad node's stream does not match", then cudaErrorStreamCaptureInvalidated).
+        logits, self._logits = self._logits, None
+        excess = torch.relu(logits.float().abs() - s.saturation_limit)
         return s.saturation_penalty * excess.pow(2).mean()
 
     def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:

@@ -39,6 +39,7 @@ from evaluation.gate import GateSettings, Verdict, check_replacement
 from model_zoo.manifest import Manifest, ModelEntry, read_manifest, write_manifest
 from model_zoo.registry import sha256_file
 from training.gpu.campaign import SUMMARY
+from training.promote import record_identity_fidelity
 from training.storage import StorageRefused, store_half
 
 log = logging.getLogger("training.gpu.results")
@@ -133,6 +134,10 @@ def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[Mod
                 slot.public = False
                 private.append(slot.name)
     entry.metrics = {}  # new weights: the old measurements describe other weights
+    for slot in entry.styles:
+        slot.metrics = {}
+    write_manifest(Manifest(models=[entry]), result.folder)  # a one-model zoo to load it from
+    record_identity_fidelity(entry, result.folder)
     entry.description = entry.description or _description(entry)
     entry.training = {**entry.training, "imported": datetime.now(UTC).isoformat()[:19]}
     manifest.upsert(entry)

@@ -270,7 +270,10 @@ class MultiStyleTask(TrainingTask[MultiStyleSettings]):
         """The weighted penalty on the last forward's pre-squash logits beyond the limit
         (``next_slots`` watches them)."""
         s = self.settings
-        excess = torch.relu(self._logits.float().abs() - s.saturation_limit)
+        # Consumed: kept, the logits would hold the step's autograd graph (and its memory)
+        # until the next forward.
+        logits, self._logits = self._logits, None
+        excess = torch.relu(logits.float().abs() - s.saturation_limit)
         return s.saturation_penalty * excess.pow(2).mean()
 
     def next_slots(self, net: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
