@@ -831,8 +831,12 @@ def _apply_controls(image: torch.Tensor, request: _Request) -> torch.Tensor:
 
 
 def _store_output(request: _Request) -> Callable[[torch.Tensor, Stats | None], None]:
+    # Kept where it was computed: on a GPU the controls and the rounding to uint8 then run
+    # there and a quarter of the bytes cross to the host. Copying the float32 image first
+    # made the worker's path 8x the bare forward at 1024 px, batch 32 on the 2026-12-04 H200
+    # (21.2 against 2.7 ms per image: the host's numpy rounding and a 12 MB copy per image).
     def done(output: torch.Tensor, _stats: Stats | None) -> None:
-        request.output = output.cpu()
+        request.output = output
 
     return done
 
