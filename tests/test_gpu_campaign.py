@@ -118,7 +118,7 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert "TFLOP/s" in log
     # The shipped pixel SR nets fit, so they are continued; the shipped multi-style net has
     # other slots than the tiny pack's styles, so the teacher recipe trains one from nothing.
-    assert f"continuing x4_pixel, x8_pixel from {ROOT / 'model_zoo'}" in log
+    assert f"continuing x4_pixel, x4, x8_pixel, x8 from {ROOT / 'model_zoo'}" in log
     assert "multistyle: the teacher recipe" in log
 
     # The audit: both GPU-side processes ran under it, saw the real imports, and everything the
@@ -191,10 +191,9 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert teacher["sha256"] == summary["models"]["multistyle_wide"]["sha256"]
     assert zoo.styles()["mosaic"].model == "mosaic"  # the single-style net still serves it
     x4 = zoo.get("x4")
-    assert x4.training["init_from"] == "x4_pixel"
-    assert x4.training["lineage"][-1]["sha256"] == summary["models"]["x4_pixel"]["sha256"]
     shipped = read_manifest(ROOT / "model_zoo")
-    for name in ("x4_pixel", "x8_pixel"):  # continued from the shipped nets
+    for name in ("x4_pixel", "x4", "x8_pixel", "x8"):  # continued from the shipped nets
+        assert zoo.get(name).training["init_from"] == name
         assert zoo.get(name).training["lineage"][-1]["sha256"] == shipped.get(name).sha256
     assert "Set5" in x4.metrics["sr"]["sets"]  # evaluated after the import
     assert (docs / "eval_sr_gpu.md").read_text().count("x4") >= 1
@@ -494,6 +493,21 @@ def test_the_shipped_student_is_continued_when_its_slots_fit(pack: Pack, tmp_pat
     assert entry.training["init_from"] == "multistyle"
     assert entry.training["lineage"][-1]["sha256"] == start.sha256
     assert entry.sha256 != start.sha256  # it trained
+
+
+def test_sr_nets_continue_the_shipped_ones_and_start_from_the_pixel_net_without_them(
+    pack: Pack,
+) -> None:
+    """Feature iterations add up across leases only if the feature-loss net continues the
+    shipped one; without a warm net it starts from this campaign's pixel net."""
+    warm = ROOT / "model_zoo"
+    for warm_zoo, start, init_zoo in ((warm, "", str(warm.resolve())), (None, "_pixel", None)):
+        stages = {s.name: s for s in campaign.default_stages(pack, warm_zoo=warm_zoo)}
+        for name in ("x4", "x8"):
+            argv = list(stages[name].argv)
+            assert argv[argv.index("--init-from") + 1] == name + start
+            assert stages[name].init_zoo == init_zoo
+            assert argv[argv.index("--pixel-weight") + 1] == "1e7"
 
 
 def test_a_multistyle_start_with_other_slots_is_refused(pack: Pack, tmp_path: Path) -> None:

@@ -30,10 +30,12 @@ per style as the CPU's had, so the student it ends with would be about the one a
 So where the shipped zoo (``--warm-zoo``, default ``model_zoo``, which travels with the tree)
 holds a net a stage can start from (the same architecture; for the multi-style net the same
 slots in the same order: :func:`warm_source`), the stage continues it instead: ``multistyle``
-takes the three stages' time on the perceptual loss from the shipped student, and the pixel SR
-nets continue the shipped ones (the feature-loss nets start from those, as before). Every GPU
-second then adds to what the CPU trained; the teacher recipe remains for a pack whose styles
-the shipped net does not have (``--warm-zoo none`` forces it).
+takes the three stages' time on the perceptual loss from the shipped student, and the SR nets
+continue the shipped ones. Every GPU second then adds to what was trained before; the teacher
+recipe remains for a pack whose styles the shipped net does not have (``--warm-zoo none``
+forces it). Until the first lease (2026-12-04) the feature-loss SR nets restarted from this
+campaign's pixel net every time, so their feature iterations could never add up across leases:
+one lease's ~2k is not what BSD100's textures need.
 """
 
 from __future__ import annotations
@@ -167,10 +169,12 @@ def default_stages(
             "--image-size", size, "--batch-size", batch,
         )  # fmt: skip
         share = 0.175 if loss == "feat" else 0.10
-        if loss == "feat":  # from this campaign's pixel net
-            argv += ("--pixel-weight", "1e7", "--init-from", f"x{factor}_pixel")
-        elif warm_source(argv, warm_zoo):
+        if loss == "feat":
+            argv += ("--pixel-weight", "1e7")
+        if warm_source(argv, warm_zoo):  # the shipped net of this name (module docstring)
             return Stage(name, (*argv, "--init-from", name), share, init_zoo=warm)
+        if loss == "feat":  # else from this campaign's pixel net
+            argv += ("--init-from", f"x{factor}_pixel")
         return Stage(name, argv, share)
 
     if warm_source(continued, warm_zoo):
