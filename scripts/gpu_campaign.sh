@@ -61,6 +61,7 @@ if [ "$DRY_RUN" = 1 ]; then
     BUDGET_S=${BUDGET_S:-100}
     EXPORT_S=${EXPORT_S:-25}
     GRACE_S=10
+    RETRY_MIN_S=5
     MODE=(--dry-run)
     # One thread: on a shared 2-core CPU, torch's threads spin against each other and tiny ops
     # run ~5x slower (measured: a rehearsal stage 42 s with 2 threads, 8 s with one).
@@ -78,6 +79,7 @@ else
     BUDGET_S=${BUDGET_S:-540}
     EXPORT_S=${EXPORT_S:-60}
     GRACE_S=15
+    RETRY_MIN_S=60
     WORK=${WORK:-.campaign}
 fi
 mkdir -p "$WORK"
@@ -119,6 +121,19 @@ else
         --deadline "$deadline" "${MODE[@]}" "${TRAIN_ARGS[@]}"
     rc_train=$?
     [ "$rc_train" = 0 ] || stamp "training exited with $rc_train (124: killed at its cap)"
+    # A failed stage can leave its process unusable for the rest: on the 2026-12-04 lease a
+    # failed CUDA graph capture left the CUDA generator in its capture state and all five
+    # stages failed within 13 s. Once, while a minute is left: a fresh process without CUDA
+    # graphs, every stage resuming from its checkpoint, shares of what is left.
+    if [ "$rc_train" = 1 ] && [[ " ${TRAIN_ARGS[*]} " != *" --no-cuda-graphs "* ]] \
+            && [ $(( deadline - $(date +%s) )) -ge "$RETRY_MIN_S" ]; then
+        stamp "retrying the training in a fresh process, without CUDA graphs"
+        cap=$(( deadline + GRACE_S - $(date +%s) ))
+        timeout -k 10 "$cap" "${RUN[@]}" training.gpu.campaign train --pack "$PACK" \
+            --work "$WORK" --deadline "$deadline" "${MODE[@]}" "${TRAIN_ARGS[@]}" --no-cuda-graphs
+        rc_train=$?
+        [ "$rc_train" = 0 ] || stamp "the retry exited with $rc_train"
+    fi
 fi
 
 left=$(( BUDGET_S - ($(date +%s) - started) ))

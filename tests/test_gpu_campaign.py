@@ -430,6 +430,34 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     assert third.start_iteration == second.iteration < third.iteration
 
 
+def test_a_failed_training_is_retried_once_in_a_fresh_eager_process(tmp_path: Path) -> None:
+    """A failed stage can leave its process unusable (the 2026-12-04 lease: a failed CUDA graph
+    capture poisoned the CUDA generator and every later stage failed): while time is left the
+    campaign runs the training once more, in a new process, without CUDA graphs, then exports
+    what it has. The stage here fails on purpose (crops larger than any pack photo), so the
+    retry fails too and the command still ends inside its budget with its files."""
+    out, audit = tmp_path / "out", tmp_path / "audit.json"
+    env = os.environ | {
+        "CAMPAIGN_IMPORT_AUDIT": str(audit),
+        "PYTHON": str(ROOT / ".venv/bin/python"),
+        "OMP_NUM_THREADS": "1",
+    }
+    started = time.monotonic()
+    run = subprocess.run(
+        ["bash", "scripts/gpu_campaign.sh", str(out), "--dry-run", "--budget-s", "70",
+         "--export-s", "15", "--stages", "x4_pixel", "--override", "x4_pixel:--image-size=4096"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert time.monotonic() - started < 80
+    assert "retrying the training in a fresh process, without CUDA graphs" in log
+    runs = [r["args"] for r in json.loads(audit.read_text())["runs"]]
+    assert [a[0] for a in runs] == ["train", "train", "export"]
+    assert "--no-cuda-graphs" not in runs[0] and runs[1][-1] == "--no-cuda-graphs"
+    assert (out / "summary.json").exists() and (out / "campaign.log").exists()
+
+
 def test_the_distilled_student_is_skipped_once_its_fine_tune_has_begun(
     pack: Pack, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
