@@ -500,7 +500,7 @@ def test_the_shipped_student_is_continued_when_its_slots_fit(pack: Pack, tmp_pat
     warm = _warm_zoo(tmp_path / "warm", list(pack.style_names))
     stages = campaign.default_stages(pack, dry_run=True, warm_zoo=warm)
     assert [s.name for s in stages][:2] == ["multistyle", "x4_pixel"]  # no teacher, no distill
-    assert stages[0].init_zoo == str(warm.resolve()) and stages[0].share == 0.46
+    assert stages[0].init_zoo == str(warm.resolve()) and stages[0].share == 0.60
     # Another order of the same styles is no warm start (row i is slot i's style).
     other = _warm_zoo(tmp_path / "other", list(reversed(pack.style_names)))
     names = [s.name for s in campaign.default_stages(pack, dry_run=True, warm_zoo=other)]
