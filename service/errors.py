@@ -136,16 +136,25 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_middleware(UnexpectedErrorMiddleware)
 
 
+def declared_query_parameters(request: Request) -> list[dict[str, Any]] | None:
+    """The query parameters the matched route declares, from its OpenAPI operation (the one
+    place they are all listed, dependencies' included); None for a route the schema leaves
+    out."""
+    path = getattr(request.scope.get("route"), "path_format", None)
+    operation = request.app.openapi().get("paths", {}).get(path, {}).get(request.method.lower())
+    if operation is None:
+        return None
+    return [p for p in operation.get("parameters", []) if p.get("in") == "query"]
+
+
 def _allowed_range(request: Request, loc: Any) -> str | None:
     """``"0 <= strength <= 1"`` for a bounded query parameter, read from the route's OpenAPI
     schema (the one source of the bounds): pydantic's message names only the bound that was
     crossed, and for ``strength=nan`` a bound that nan did not cross."""
     if len(loc) != 2 or loc[0] != "query":
         return None
-    path = getattr(request.scope.get("route"), "path_format", None)
-    operation = request.app.openapi().get("paths", {}).get(path, {}).get(request.method.lower())
-    for param in (operation or {}).get("parameters", []):
-        if param.get("in") != "query" or param.get("name") != loc[1]:
+    for param in declared_query_parameters(request) or []:
+        if param.get("name") != loc[1]:
             continue
         schema = param.get("schema", {})
         for option in [schema, *schema.get("anyOf", [])]:

@@ -351,6 +351,21 @@ def test_a_repeated_parameter_names_itself(api: Api, client: httpx.Client) -> No
     assert stream_length(api) == 0
 
 
+def test_a_parameter_the_endpoint_does_not_take_is_refused(api: Api, client: httpx.Client) -> None:
+    """``max_side`` limits a stylisation; sent to /upscale it used to be ignored, and the
+    caller waited for a full-size answer instead of hearing that the limit does not exist."""
+    resp = client.post("/upscale?factor=4&max_side=128&colour=red", files=multipart(png()))
+    body = assert_error(resp, 422, "unknown_parameter")
+    assert body["parameters"] == ["colour", "max_side"]
+    assert "factor" in body["allowed"] and "max_side" not in body["allowed"]
+    assert "max_side" in body["detail"] and "factor" in body["detail"]
+    assert stream_length(api) == 0
+    # A GET that takes no parameters says so.
+    assert client.get("/styles").status_code == 200
+    body = assert_error(client.get("/styles?detail=1"), 422, "unknown_parameter")
+    assert body["allowed"] == [] and "takes: none" in body["detail"]
+
+
 def test_chunked_upload_over_the_limit_is_413(api: Api, client: httpx.Client) -> None:
     def chunks() -> Iterator[bytes]:
         for _ in range(30):
