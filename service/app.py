@@ -718,6 +718,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     install_web(app)
+    # Built now, once: every request's parameter check reads it (_query_parameters_as_declared),
+    # and built lazily it cost the first caller ~40 ms.
+    app.openapi()
     # JSON and text for clients that accept gzip (GET /styles is ~50 KB of evaluation figures,
     # ~6 KB compressed); Starlette leaves PNG / JPEG / WebP answers alone by content type.
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=6)

@@ -126,6 +126,7 @@ ERRORS: dict[int, dict[str, Any]] = {
             "[{'loc': ['query', 'strength'], 'msg': '...', 'allowed': '0.0 <= strength <= 1.0'}]",
         ),
         ("repeated_parameter", "each query parameter takes one value; given more than once: style"),
+        ("unknown_parameter", "/upscale takes no query parameter max_side; it takes: factor, ..."),
     ),
     429: _error(
         "Over the key's submission rate.",

@@ -122,7 +122,8 @@ def gate(result: Result, zoo: Path, settings: GateSettings) -> Verdict:
 
 def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[ModelEntry, list[str]]:
     """Copy the weights into the zoo and upsert the entry (validated before anything is
-    replaced). Returns the entry and the slot names made private."""
+    replaced). Returns the entry and the slot names made private. Call it after :func:`gate`,
+    which leaves the result's folder a one-model zoo."""
     entry = checked_entry(result)
     weights = result.folder / entry.weights
     manifest = read_manifest(zoo)
@@ -136,8 +137,7 @@ def merge(result: Result, zoo: Path, *, public_slots: bool = False) -> tuple[Mod
     entry.metrics = {}  # new weights: the old measurements describe other weights
     for slot in entry.styles:
         slot.metrics = {}
-    write_manifest(Manifest(models=[entry]), result.folder)  # a one-model zoo to load it from
-    record_identity_fidelity(entry, result.folder)
+    record_identity_fidelity(entry, result.folder)  # a one-model zoo since ``gate``
     entry.description = entry.description or _description(entry)
     entry.training = {**entry.training, "imported": datetime.now(UTC).isoformat()[:19]}
     manifest.upsert(entry)
