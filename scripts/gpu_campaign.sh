@@ -74,7 +74,7 @@ if [ "$DRY_RUN" = 1 ]; then
     # Every stage runs (at least one step each), checkpointing often: the rehearsal is about
     # exercising each path, not about the time it takes on a shared 2-core CPU.
     TRAIN_ARGS=(--device cpu --reserve-s 3 --min-stage-s 0 --log-every 2
-                --checkpoint-every-s 2 "${TRAIN_ARGS[@]}")
+                --checkpoint-every-s 2 --profile-s 0.5 "${TRAIN_ARGS[@]}")
 else
     BUDGET_S=${BUDGET_S:-540}
     EXPORT_S=${EXPORT_S:-60}

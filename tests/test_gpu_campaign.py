@@ -113,9 +113,11 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
         with tarfile.open(out / f"{name}.tar") as tar:
             members = {Path(m).relative_to(name).as_posix() for m in tar.getnames()}
         expected = {"entry.json", f"weights/{name}.safetensors", "samples.jpg", "loss_curve.png"}
-        assert expected | {"checkpoint.safetensors", "stage.json"} <= members, members
+        assert expected | {"checkpoint.safetensors", "stage.json", "profile.txt"} <= members
+        # Its last step profiled: where the time went comes back with the model.
+        assert report["profile"]["eager"]["wall_ms"] > 0, (name, report)
         assert f"{name}:" in log  # its speed line was printed
-    assert "TFLOP/s" in log
+    assert "TFLOP/s" in log and "; eager step " in log and "device busy" in log
     # The shipped pixel SR nets fit, so they are continued; the shipped multi-style net has
     # other slots than the tiny pack's styles, so the teacher recipe trains one from nothing.
     assert f"continuing x4_pixel, x4, x8_pixel, x8 from {ROOT / 'model_zoo'}" in log
@@ -386,6 +388,9 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     first = train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1, log_every=1))
     assert first.steps >= 1 and first.exported and first.flops_per_step > 0
     assert first.stopped_by == "budget" and first.mode == "eager"
+    # The last step ran under the profiler; its op table names the net's convolutions.
+    assert first.profile["eager"]["wall_ms"] > 0 and first.profile["eager"]["device_ms"] == 0
+    assert "aten::convolution" in (work / "runs" / "x4_pixel" / "profile.txt").read_text()
     entry = read_manifest(work / "zoo").get("x4_pixel")
     assert entry.iterations == first.iteration and entry.data["pack"]["photos"] == 8
     assert [h["iteration"] for h in json.loads(

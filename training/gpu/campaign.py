@@ -58,7 +58,14 @@ import torch
 from model_zoo.hardware import resolve_device
 from model_zoo.manifest import read_manifest
 from training.cli import build_parser, settings_from_args
-from training.gpu.fastloop import StageOptions, StageReport, read_stage, train_stage, write_stage
+from training.gpu.fastloop import (
+    PROFILE_FILE,
+    StageOptions,
+    StageReport,
+    read_stage,
+    train_stage,
+    write_stage,
+)
 from training.gpu.pack import Pack
 from training.loop import task_for
 from training.settings import TrainSettings
@@ -291,6 +298,7 @@ def train(args: argparse.Namespace) -> int:
             cuda_graphs=not args.no_cuda_graphs,
             log_every=args.log_every,
             checkpoint_every_s=args.checkpoint_every_s,
+            profile_s=args.profile_s,
         )
         log.info("%s: %.0f s", stage.name, budget)
         try:
@@ -348,7 +356,8 @@ def _export_only(stage: Stage, work: Path, pack: Pack) -> None:
 
 
 def pack_model(name: str, work: Path, out: Path, zoo_name: str = "zoo") -> Path | None:
-    """One tar per model: entry.json, weights, sample grids, loss curve, checkpoint, stage.json;
+    """One tar per model: entry.json, weights, sample grids, loss curve, checkpoint, stage.json,
+    the profile;
     the larger sample grids and then the checkpoint are left out if it would pass 16 MiB."""
     run, zoo = work / "runs" / name, work / zoo_name
     files: list[tuple[Path, str]] = []
@@ -360,7 +369,7 @@ def pack_model(name: str, work: Path, out: Path, zoo_name: str = "zoo") -> Path 
         files += [(entry_path, "entry.json"), (zoo / entry.weights, entry.weights)]
     for path in sorted(run.glob("*")):
         if path.suffix in (".jpg", ".png", ".safetensors") or path.name in (
-            "checkpoint.json", "stage.json",
+            "checkpoint.json", "stage.json", PROFILE_FILE,
         ):  # fmt: skip
             files.append((path, path.name))
     if not files:
@@ -458,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--min-stage-s", type=float, default=20.0)
     t.add_argument("--log-every", type=int, default=50)
     t.add_argument("--checkpoint-every-s", type=float, default=60.0)
+    t.add_argument(
+        "--profile-s",
+        type=float,
+        default=4.0,
+        help="per stage, for profiling its last steps into profile.txt (0: none)",
+    )
     t.add_argument("--no-cuda-graphs", action="store_true")
     sub.choices["export"].add_argument("--out", required=True)
     args = parser.parse_args(argv)

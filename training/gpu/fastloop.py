@@ -19,6 +19,11 @@ What differs from ``training.loop.train`` (the CPU trainer, unchanged) and why:
   overhead it would.
 - **FLOPs are counted once** (``torch.utils.flop_counter.FlopCounterMode`` on the first step), so
   the achieved TFLOP/s can be reported against the card's ~790 measured bf16 peak.
+- **The last steps are profiled** (``torch.profiler``, kernels included on CUDA): one replay of
+  the graph and one eager step, each with its wall time, the time the device was busy, and the
+  ops that kept it busy, into ``profile.txt``. The first lease reached 7.4 % of the peak and
+  brought back no way to tell launch overhead from slow kernels; the next one answers that.
+  At the end, not the start: a profiler active before the capture could cost the graph.
 
 On a CPU the same code runs eagerly in the task's CPU precision: that is the rehearsal.
 Checkpoints, phases, lineage, the sample grids and the zoo export are the CPU trainer's own
@@ -53,6 +58,8 @@ from training.vgg import VGG16Features
 log = logging.getLogger("training.gpu")
 
 STAGE_FILE = "stage.json"
+PROFILE_FILE = "profile.txt"
+"""Per run folder: where the last steps' time went (module docstring); packed with the model."""
 """Per run folder: how the last session went (speed, mode, hardware), beside the checkpoint."""
 H200_BF16_PEAK_TFLOPS = 790.0
 """Dense bf16 matrix rate measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)."""
@@ -70,6 +77,9 @@ class StageOptions:
     """Steps between host reads of the loss terms (one history point each)."""
     checkpoint_every_s: float = 60.0
     count_flops: bool = True
+    profile_s: float = 4.0
+    """Kept before the reserve for profiling the last steps (0: no profile). CUPTI's start-up
+    is most of it on CUDA."""
 
 
 @dataclass
@@ -97,6 +107,10 @@ class StageReport:
     peak_fraction: float = 0.0
     mode: str = "eager"
     graph_error: str = ""
+    profile: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per profiled step ("graph", "eager"): ``wall_ms`` (profiler on) and ``device_ms``, the
+    time kernels ran (CUDA; 0 on a CPU). ``device_ms`` far below the step's time at full speed
+    means launch-bound; close to it, the kernels themselves (``profile.txt`` names them)."""
     stopped_by: str = ""
     final_losses: dict[str, float] = field(default_factory=dict)
     exported: bool = False
@@ -110,6 +124,10 @@ class StageReport:
             f"{self.image_size} px) {self.it_per_s:8.1f} it/s {self.images_per_s:9.1f} img/s "
             f"{self.tflops:7.3g} TFLOP/s ({100 * self.peak_fraction:.1f}% of "
             f"{H200_BF16_PEAK_TFLOPS:.0f}) {self.mode}"
+            + "".join(
+                f"; {kind} step {p['wall_ms']:.1f} ms, device busy {p['device_ms']:.1f} ms"
+                for kind, p in self.profile.items()
+            )
             + (f" ERROR {self.error}" if self.error else "")
         )
 
@@ -284,6 +302,8 @@ def train_stage(
         return state.elapsed_s + time.monotonic() - started
 
     train_deadline = deadline - options.reserve_s
+    profiling = options.profile_s > 0 and options.budget_s > 0
+    loop_deadline = train_deadline - (options.profile_s if profiling else 0.0)
     report.setup_s = time.monotonic() - started
     stop_reason = "budget"
     with StopRequested() as stop:
@@ -296,7 +316,7 @@ def train_stage(
                 stop_reason = "iterations"
             elif options.budget_s > 0 and state.iteration == report.start_iteration:
                 return True  # one step at least: a stage with a budget trains something
-            elif time.monotonic() >= train_deadline:
+            elif time.monotonic() >= loop_deadline:
                 stop_reason = "budget"
             else:
                 return True
@@ -326,9 +346,18 @@ def train_stage(
         while running():
             step()
             after_steps(1)
-        flush()
         _synchronize(device)
-        measure()
+        measure()  # the speed of the timed loop, before the profiled steps
+        if profiling and stop_reason == "budget" and not stop.requested:
+            # The graph first: the eager step makes new gradient tensors, which a later replay
+            # would not see. After it no replay follows.
+            steps = {"graph": graph.replay} if graph is not None else {}
+            report.profile = _profile(steps | {"eager": eager_step}, device, run_dir)
+            after_steps(len(report.profile))
+            # Counted as trained, but not in the speed (the profiler slows them).
+            report.iteration = state.iteration
+            report.steps = state.iteration - report.start_iteration
+        flush()
     report.stopped_by = stop_reason if report.steps or options.budget_s > 0 else "export-only"
     del graph
     wall = elapsed()
@@ -391,6 +420,42 @@ def _capture(
         torch.cuda.synchronize(device)
         _reset_cuda_rng(device)
         return None, repr(exc)[:500], steps
+
+
+def _profile(
+    steps: dict[str, Callable[[], None]], device: torch.device, run_dir: Path
+) -> dict[str, dict[str, float]]:
+    """Run each step once under ``torch.profiler``; write their op tables into ``profile.txt``
+    and return each one's wall and device-busy milliseconds. Never fails the stage: a profiler
+    that cannot start (CUPTI refused in a container) leaves a note instead of numbers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    results: dict[str, dict[str, float]] = {}
+    text: list[str] = []
+    for kind, step in steps.items():
+        try:
+            _synchronize(device)
+            with profile(activities=activities) as profiler:
+                started = time.perf_counter()
+                step()
+                _synchronize(device)
+                wall = time.perf_counter() - started
+            averages = profiler.key_averages()
+            busy_us = sum(event.self_device_time_total for event in averages) if cuda else 0.0
+            results[kind] = {"wall_ms": 1e3 * wall, "device_ms": busy_us / 1e3}
+            text += [
+                f"== {kind} step: {1e3 * wall:.2f} ms wall (profiler on), device busy "
+                f"{busy_us / 1e3:.2f} ms",
+                averages.table(sort_by=sort, row_limit=25),
+            ]
+        except Exception as exc:  # a profile is a diagnosis, never worth a stage
+            log.warning("profiling the %s step failed: %r", kind, exc)
+            text.append(f"== {kind} step: profiler failed: {exc!r}")
+    (run_dir / PROFILE_FILE).write_text("\n".join(text) + "\n")
+    return results
 
 
 def _reset_cuda_rng(device: torch.device) -> None:
