@@ -10,8 +10,15 @@ under ``timeout`` so the command ends inside its budget whatever happens.
 
 The stages (:func:`default_stages`) are the zoo's models at the settings they were trained with
 on the CPU (README, "Model zoo"; the multi-style net as in ``runs/multistyle.log``), with the
-paper's crop sizes and a batch of 16 (a GPU step at batch 4 is mostly launch overhead; 16 is
-four paper iterations' worth of images, and the reports count both).
+paper's crop sizes and a batch of 32 (eight paper iterations' worth of images; the reports
+count both). Why 32 (16 until the first lease): there (eager) the five stages' steps took 20-29
+ms for 0.55-1.53 TFLOP of work, which fits ~16 ms per step whatever the batch (per-kernel
+overhead) plus ~8 ms per TFLOP. At 32 the multi-style step should take ~41 ms instead of 26:
+1.4x the images per second eagerly, with less noisy gradients late in a fine-tune (the GPU's
+batch 16 moved the objective where the CPU's batch 4-8 had stalled), and once the CUDA graph
+removes the overhead a fuller card still. The ~8 ms per TFLOP (~125 TFLOP/s at the margin) is
+what the kernels themselves reach; where those milliseconds go is what ``profile.txt`` brings
+back, and it decides the next change.
 
 The shipped multi-style net is a cheap student distilled from a wider one and then trained on
 the perceptual loss itself (README, "A quarter of the MACs, distilled"), so the campaign runs
@@ -138,7 +145,7 @@ def default_stages(
     ``warm_zoo``: continue the nets it holds where they fit (module docstring)."""
     styles = [f"{name}={pack.style_path(name)}" for name in pack.style_names]
     style_size, x4_size, x8_size, batch = (
-        ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "16")
+        ("32", "32", "48", "2") if dry_run else ("256", "288", "288", "32")
     )
     # The perceptual objective as the CPU runs used it (README, "Training a style"): the
     # tables at 10x the learning rate, identity samples weighted 1e6, the saturation penalty.
