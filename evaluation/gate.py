@@ -15,7 +15,8 @@ replacement; these measures take seconds and move with it:
   than the shipped net's);
 - an SR net: with the training degradation, PSNR on Y for a pixel-loss net (at most
   ``psnr_tolerance_db`` lower), LPIPS for a feature-loss net (at most ``lpips_tolerance``
-  higher).
+  higher) and its LR-grid pattern (``evaluation.metrics.grid_levels``; at most
+  ``grid_tolerance`` levels more: the SR nets' droplets, which LPIPS barely registers).
 
 The default photos are ``evaluation/photos`` (public domain / CC0, in no training set), so the
 gate runs wherever the repository does. A measure that cannot be taken (a style image not found)
@@ -61,6 +62,7 @@ class GateSettings:
     objective_tolerance: float = 0.01
     psnr_tolerance_db: float = 0.05
     lpips_tolerance: float = 0.002
+    grid_tolerance: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ def _sr_comparisons(
             {
                 "psnr": statistics.fmean(r.psnr for r in mine),
                 "lpips": statistics.fmean(r.lpips for r in mine),
+                "grid": statistics.fmean(r.grid for r in mine),
             }
         )
     before, after = means
@@ -244,5 +247,12 @@ def _sr_comparisons(
             before["lpips"],
             after["lpips"],
             before["lpips"] + settings.lpips_tolerance,
-        )
+        ),
+        Comparison(
+            "sr",
+            "grid_levels",
+            before["grid"],
+            after["grid"],
+            before["grid"] + settings.grid_tolerance,
+        ),
     ]

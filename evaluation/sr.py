@@ -1,11 +1,13 @@
 """Super-resolution as the paper measured it, plus LPIPS.
 
-PSNR and SSIM on the Y channel (BT.601, border of f px cropped, HR modcropped) and LPIPS-VGG for
-bicubic and each model. LR inputs are made with the training pipeline's own degradation
-(``training.data.degrade``: Gaussian blur sigma 1.0, then antialiased bicubic downsampling) and
-stored as 8-bit images, as a user's LR upload would be; every method gets that same LR image.
-The bicubic baseline upscales it with PIL BICUBIC (MATLAB's a = -0.5 kernel, see
-``evaluation.metrics``). LPIPS is computed on the same border-cropped RGB images.
+PSNR and SSIM on the Y channel (BT.601, border of f px cropped, HR modcropped), LPIPS-VGG and
+the LR-grid pattern (``evaluation.metrics.grid_levels``: the checkerboard a feature-loss net can
+paint, which neither PSNR nor LPIPS registers) for bicubic and each model. LR inputs are made
+with the training pipeline's own degradation (``training.data.degrade``: Gaussian blur sigma
+1.0, then antialiased bicubic downsampling) and stored as 8-bit images, as a user's LR upload
+would be; every method gets that same LR image. The bicubic baseline upscales it with PIL
+BICUBIC (MATLAB's a = -0.5 kernel, see ``evaluation.metrics``). LPIPS is computed on the same
+border-cropped RGB images.
 
 Precision: SR models run in fp32 (``--precision bf16`` to change), LPIPS's VGG in bf16 autocast
 (about 1.4x faster on CPU, within ~5e-4 of fp32; ``--lpips-precision fp32``).
@@ -57,6 +59,8 @@ class SRRow:
     psnr: float
     ssim: float
     lpips: float
+    grid: float
+    """The LR-grid pattern in 8-bit levels (``evaluation.metrics.grid_levels``)."""
 
 
 def benchmark_images(data: Path, set_name: str, limit: int | None) -> list[Path]:
@@ -131,7 +135,7 @@ def _shaved_tensor(img: Image.Image, border: int, device: torch.device) -> torch
 
 
 def summarise_sr(rows: Sequence[SRRow]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
-    """factor -> set -> method -> mean psnr / ssim / lpips and image count."""
+    """factor -> set -> method -> mean psnr / ssim / lpips / grid and image count."""
     groups: dict[tuple[int, str, str], list[SRRow]] = {}
     for row in rows:
         groups.setdefault((row.factor, row.set, row.method), []).append(row)
@@ -141,6 +145,7 @@ def summarise_sr(rows: Sequence[SRRow]) -> dict[int, dict[str, dict[str, dict[st
             "psnr": statistics.fmean(r.psnr for r in items),
             "ssim": statistics.fmean(r.ssim for r in items),
             "lpips": statistics.fmean(r.lpips for r in items),
+            "grid": statistics.fmean(r.grid for r in items),
             "images": len(items),
         }
     return out
@@ -149,12 +154,14 @@ def summarise_sr(rows: Sequence[SRRow]) -> dict[int, dict[str, dict[str, dict[st
 def sr_markdown(summary: dict[int, dict[str, dict[str, dict[str, float]]]]) -> str:
     lines = [
         "PSNR (dB) / SSIM on Y (BT.601), border of f px cropped, HR modcropped; "
-        "LPIPS-VGG (lower is better) on the same crop.",
+        "LPIPS-VGG (lower is better) on the same crop; grid: the residual's pattern repeating "
+        "on the LR pixel grid, RMS in 8-bit levels (lower is better; "
+        "`evaluation.metrics.grid_levels`).",
         "",
     ]
     for factor, sets in sorted(summary.items()):
         methods = list(next(iter(sets.values())).keys())
-        header = ["set", *[f"{m} PSNR / SSIM / LPIPS" for m in methods]]
+        header = ["set", *[f"{m} PSNR / SSIM / LPIPS / grid" for m in methods]]
         paper = factor == 4
         if paper:
             header += ["paper bicubic", "paper l_pixel", "paper l_feat"]
@@ -165,7 +172,10 @@ def sr_markdown(summary: dict[int, dict[str, dict[str, dict[str, float]]]]) -> s
             cells = [f"{set_name} ({n})"]
             for m in methods:
                 s = by_method[m]
-                cells.append(f"{fmt(s['psnr'], 2)} / {fmt(s['ssim'], 3)} / {fmt(s['lpips'], 3)}")
+                cells.append(
+                    f"{fmt(s['psnr'], 2)} / {fmt(s['ssim'], 3)} / {fmt(s['lpips'], 3)} / "
+                    f"{fmt(s['grid'], 2)}"
+                )
             if paper:
                 ref = PAPER_X4.get(set_name, {})
                 for key in ("bicubic", "l_pixel", "l_feat"):

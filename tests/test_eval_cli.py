@@ -89,7 +89,7 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
     }
     for r in rows:
         assert math.isfinite(r["psnr"]) and 0 < r["psnr"] < 100
-        assert -1 <= r["ssim"] <= 1 and r["lpips"] > 0
+        assert -1 <= r["ssim"] <= 1 and r["lpips"] > 0 and r["grid"] >= 0
 
     manifest = read_manifest(sr_zoo)
     sr = manifest.get("x4").metrics["sr"]
@@ -100,13 +100,14 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
         assert stored["images"] == 2
         assert stored["psnr"] == pytest.approx(np.mean([r["psnr"] for r in mine]))
         assert stored["lpips"] == pytest.approx(np.mean([r["lpips"] for r in mine]))
+        assert stored["grid"] == pytest.approx(np.mean([r["grid"] for r in mine]))
     assert sr["protocol"]["y"] == "BT.601"
     assert "SetB" in manifest.get("x8").metrics["sr"]["sets"]
     assert "sr" not in manifest.get("tiny_style").metrics
 
     table = out.read_text()
     assert "### x4" in table and "### x8" in table
-    assert "SetA (2)" in table and "paper l_feat" in table
+    assert "SetA (2)" in table and "paper l_feat" in table and "LPIPS / grid" in table
 
 
 def test_sr_scores_use_the_training_degradation(sr_zoo: Path, bench: Path) -> None:

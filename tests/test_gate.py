@@ -190,8 +190,11 @@ def test_an_import_keeps_the_zoos_sr_net_when_the_new_one_is_worse(
     assert entry.sha256 == read_manifest(tiny_zoo).get("x4").sha256
     gate = entry.training["gate"]
     assert gate["forced"] and not gate["accepted"]
-    (lpips,) = gate["comparisons"]
+    lpips, grid = gate["comparisons"]
     assert lpips["measure"] == "lpips" and lpips["candidate"] > lpips["limit"]
+    # and its pattern on the LR grid, the SR nets' droplets (no more than 0.1 level above)
+    assert grid["measure"] == "grid_levels" and grid["shipped"] > 0
+    assert grid["limit"] == pytest.approx(grid["shipped"] + 0.1)
 
     # The net it replaced, imported back over it, is the better one: accepted without force.
     back = _copy_model("x4", tiny_zoo, tmp_path / "back", lambda net: net.tail.conv.weight.zero_())

@@ -168,8 +168,9 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
         assert entry.metrics.get("storage", {}).get("dtype") == "fp16"  # stored as the zoo is
         gate = entry.training["gate"]
         if name in ("x4", "x8"):  # measured against the tiny zoo's nets of those names
-            (lpips,) = gate["comparisons"]
-            assert lpips["measure"] == "lpips" and gate["forced"] == lpips["worse"]
+            lpips, grid = gate["comparisons"]
+            assert (lpips["measure"], grid["measure"]) == ("lpips", "grid_levels")
+            assert gate["forced"] == (lpips["worse"] or grid["worse"])
         else:
             assert "nothing to compare" in gate["note"] and not gate["forced"]
         assert f"{name} " in run.stdout and "gate: " in run.stdout
@@ -307,7 +308,8 @@ def _objective_argv(kind: str, pack: Pack, tmp_path: Path) -> list[str]:
         "style": ["style", "--name", "s", "--style-image", a, "--style-size", "40"],
         "sr-pixel": ["sr", "--name", "p", "--factor", "4", "--loss", "pixel"],
         "sr-feat": ["sr", "--name", "f", "--factor", "8", "--loss", "feat",
-                    "--pixel-weight", "1e7", "--output", "bicubic_residual"],
+                    "--pixel-weight", "1e7", "--grid-weight", "1e9",
+                    "--output", "bicubic_residual"],
         "multistyle": ["multistyle", "--name", "m", "--style-images", f"a={a}", f"b={b}",
                        "--style-size", "40", "--saturation-penalty", "1e4",
                        "--channels", "8", "8", "8"],
@@ -340,6 +342,8 @@ def test_device_objectives_equal_the_tasks_losses(kind: str, pack: Pack, tmp_pat
     if kind == "multistyle":
         assert isinstance(fast, MultiStyleTask)
         assert "identity" in objective.names and "saturation" in objective.names
+    if kind == "sr-feat":
+        assert objective.names == ("feat", "tv", "pixel", "grid")
     if kind == "distill":  # the identity slot's target is the photo, inside the pixel term
         assert objective.names == ("pixel", "saturation")
 

@@ -13,6 +13,7 @@ from skimage.metrics import structural_similarity
 from evaluation.metrics import (
     as_rgb01,
     bicubic_upscale,
+    grid_levels,
     modcrop,
     psnr,
     psnr_y,
@@ -22,6 +23,7 @@ from evaluation.metrics import (
     ssim,
     ssim_y,
 )
+from training.losses import grid_loss
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -130,3 +132,46 @@ def test_mismatched_or_too_small_inputs_are_rejected() -> None:
         shave(np.zeros((8, 8)), 4)
     with pytest.raises(ValueError):
         ssim(np.zeros((10, 10)), np.zeros((10, 10)))
+
+
+def _pattern(period: int, seed: int) -> np.ndarray:
+    """A zero-mean period x period tile."""
+    tile = np.random.default_rng(seed).normal(size=(period, period))
+    return tile - tile.mean()
+
+
+@pytest.mark.parametrize("period", [4, 8])
+def test_the_grid_measure_finds_a_pattern_on_the_lr_grid_and_nothing_else(period: int) -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(40, 200, size=(96, 128))
+    tile = _pattern(period, 1)
+    pattern = np.tile(tile, (96 // period, 128 // period))
+    rms = float(np.sqrt(np.mean(tile**2)))
+    # A pattern on the grid is measured exactly, whatever the image under it...
+    assert grid_levels(reference + pattern, reference, period) == pytest.approx(rms)
+    # ... a flat offset or noise with no period is not a grid...
+    noise = rng.normal(scale=5.0, size=reference.shape)
+    assert grid_levels(reference + 7.0, reference, period) == pytest.approx(0.0, abs=1e-9)
+    assert grid_levels(reference + noise, reference, period) < 0.1 * 5.0
+    # ... nor is a pattern of another period (3 divides neither 4 nor 8).
+    other = np.tile(_pattern(3, 2), (32, 43))[:96, :128]
+    assert grid_levels(reference + other, reference, period) < 0.2 * rms
+    # sr_scores reports it on Y after the border crop, which keeps the grid's phase.
+    image = np.repeat(reference[..., None], 3, axis=2)
+    patterned = np.clip(image + pattern[..., None] * 255 / 219, 0, 255)
+    scores = sr_scores(patterned.astype(np.float32) / 255, image.astype(np.float32) / 255, period)
+    assert scores["grid"] == pytest.approx(rms, rel=1e-3)
+
+
+def test_the_grid_loss_is_the_grid_measure_squared_in_unit_range() -> None:
+    """What the trainer penalises is what the evaluation measures: on a grey image, Y levels
+    are 219 x the [0, 1] values, so levels = 219 x sqrt(loss)."""
+    rng = np.random.default_rng(3)
+    target = torch.from_numpy(rng.uniform(0.2, 0.8, size=(1, 1, 64, 64)))
+    tile = torch.from_numpy(_pattern(4, 4)) * 0.01
+    output = (target + tile.repeat(16, 16)).expand(1, 3, 64, 64)
+    target = target.expand(1, 3, 64, 64)
+    loss = float(grid_loss(output, target, 4))
+    levels = grid_levels((16 + 219 * output[0, 0]).numpy(), (16 + 219 * target[0, 0]).numpy(), 4)
+    assert loss > 0 and 219 * math.sqrt(loss) == pytest.approx(levels, rel=1e-5)
+    assert float(grid_loss(target + 0.3, target, 4)) == pytest.approx(0.0, abs=1e-12)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from training.data import degrade
-from training.losses import feature_loss, pixel_loss, style_loss, tv_loss
+from training.losses import feature_loss, grid_loss, pixel_loss, style_loss, tv_loss
 from training.tasks import MultiStyleTask, SRTask, StyleTask, TrainingTask
 from training.tasks.distill import DistillTask
 from training.tasks.style import perceptual_terms
@@ -67,8 +67,10 @@ class SRObjective:
     def __init__(self, task: SRTask) -> None:
         self.task = task
         s = task.settings
-        pixel = s.loss == "feat" and s.pixel_weight
-        self.names = (s.loss, "tv", *(("pixel",) if pixel else ()))
+        self.pixel = bool(s.loss == "feat" and s.pixel_weight)
+        self.grid = bool(s.loss == "feat" and s.grid_weight)
+        self.names = (s.loss, "tv", *(("pixel",) if self.pixel else ()))
+        self.names += ("grid",) if self.grid else ()
 
     def __call__(self, net: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
         s, vgg = self.task.settings, self.task.vgg
@@ -81,8 +83,10 @@ class SRObjective:
         else:
             main = pixel_loss(output, batch)
         terms = [s.content_weight * main, s.tv_weight * tv_loss(output)]
-        if len(self.names) == 3:
+        if self.pixel:
             terms.append(s.pixel_weight * pixel_loss(output, batch))
+        if self.grid:
+            terms.append(s.grid_weight * grid_loss(output, batch, s.factor))
         return terms
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from model_zoo.config import SRNetConfig
 from training.data import degrade
-from training.losses import feature_loss, pixel_loss, tv_loss
+from training.losses import feature_loss, grid_loss, pixel_loss, tv_loss
 from training.settings import TrainSettings
 from training.tasks.base import TrainingTask
 from training.vgg import CONTENT_LAYER, VGG16Features
@@ -27,6 +27,9 @@ class SRSettings(TrainSettings):
     # feat only: an extra per-pixel MSE term (content-weight units) that anchors colour, which
     # relu2_2 features barely constrain.
     pixel_weight: float = 0.0
+    # feat only: the pattern on the LR pixel grid that the feature loss cannot see
+    # (training.losses.grid_loss).
+    grid_weight: float = 0.0
 
 
 class SRTask(TrainingTask[SRSettings]):
@@ -53,6 +56,12 @@ class SRTask(TrainingTask[SRSettings]):
         )
         parser.add_argument(
             "--pixel-weight", type=float, default=0.0, help="feat only: add this x per-pixel MSE"
+        )
+        parser.add_argument(
+            "--grid-weight",
+            type=float,
+            default=0.0,
+            help="feat only: add this x the residual's pattern on the LR grid (grid_loss)",
         )
 
     @classmethod
@@ -91,8 +100,16 @@ class SRTask(TrainingTask[SRSettings]):
         terms = {s.loss: s.content_weight * main, "tv": s.tv_weight * tv_loss(output)}
         if s.loss == "feat" and s.pixel_weight:
             terms["pixel"] = s.pixel_weight * pixel_loss(output, batch)
+        if s.loss == "feat" and s.grid_weight:
+            terms["grid"] = s.grid_weight * grid_loss(output, batch, s.factor)
         total = sum(terms.values())
         return total, {k: float(v.detach()) for k, v in terms.items()}  # type: ignore[return-value]
+
+    def phase(self) -> dict[str, Any]:
+        phase = super().phase()
+        if self.settings.grid_weight:  # only when used: older phases still compare equal
+            phase["grid_weight"] = self.settings.grid_weight
+        return phase
 
     def sample_row(self, net: nn.Module, photo: torch.Tensor) -> list[torch.Tensor]:
         """bicubic | output | HR."""
