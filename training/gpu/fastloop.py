@@ -58,9 +58,9 @@ from training.vgg import VGG16Features
 log = logging.getLogger("training.gpu")
 
 STAGE_FILE = "stage.json"
+"""Per run folder: how the last session went (speed, mode, hardware), beside the checkpoint."""
 PROFILE_FILE = "profile.txt"
 """Per run folder: where the last steps' time went (module docstring); packed with the model."""
-"""Per run folder: how the last session went (speed, mode, hardware), beside the checkpoint."""
 H200_BF16_PEAK_TFLOPS = 790.0
 """Dense bf16 matrix rate measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)."""
 
@@ -428,6 +428,7 @@ def _profile(
     """Run each step once under ``torch.profiler``; write their op tables into ``profile.txt``
     and return each one's wall and device-busy milliseconds. Never fails the stage: a profiler
     that cannot start (CUPTI refused in a container) leaves a note instead of numbers."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -444,7 +445,13 @@ def _profile(
                 _synchronize(device)
                 wall = time.perf_counter() - started
             averages = profiler.key_averages()
-            busy_us = sum(event.self_device_time_total for event in averages) if cuda else 0.0
+            # The kernels' own rows (an op's row repeats the time of the kernels it launched).
+            busy_us = sum(
+                event.self_device_time_total
+                for event in averages
+                if event.device_type == DeviceType.CUDA
+                and not getattr(event, "is_user_annotation", False)
+            )
             results[kind] = {"wall_ms": 1e3 * wall, "device_ms": busy_us / 1e3}
             text += [
                 f"== {kind} step: {1e3 * wall:.2f} ms wall (profiler on), device busy "
