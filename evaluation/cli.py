@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "within ~5e-4 of fp32; auto picks it only there)",
     )
 
+    sr.add_argument(
+        "--lpips-without-grid",
+        action="store_true",
+        help="also LPIPS with each output's LR-grid pattern removed (how much it earns)",
+    )
+
     st = tasks.add_parser("style", help="feed-forward vs L-BFGS optimisation (Gatys et al.)")
     common(st, "docs/eval_style.md")
     st.add_argument("--models", nargs="+", default=None, help="default: every style model")
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             lpips_precision=lpips_precision,
             degradation=args.degradation,
+            lpips_without_grid=args.lpips_without_grid,
         )
         summary = summarise_sr(rows)
         protocol |= {

@@ -160,6 +160,20 @@ def grid_levels(output: np.ndarray, reference: np.ndarray, period: int) -> float
     return float(np.sqrt(np.mean((phases - phases.mean()) ** 2)))
 
 
+def without_grid(output: np.ndarray, reference: np.ndarray, period: int) -> np.ndarray:
+    """``output`` (H x W x C) less its pattern on the LR grid, per channel: what
+    :func:`grid_levels` measures, subtracted. A diagnosis, not a filter (it needs the
+    reference): how much of a score such as LPIPS the pattern earns."""
+    out = np.asarray(output, np.float64).copy()
+    height, width = (out.shape[0] // period) * period, (out.shape[1] // period) * period
+    residual = out[:height, :width] - np.asarray(reference, np.float64)[:height, :width]
+    phases = residual.reshape(height // period, period, width // period, period, -1)
+    pattern = phases.mean(axis=(0, 2))
+    pattern -= pattern.mean(axis=(0, 1), keepdims=True)
+    out[:height, :width] -= np.tile(pattern, (height // period, width // period, 1))
+    return out
+
+
 def sr_scores(output: ImageLike, reference: ImageLike, factor: int) -> dict[str, float]:
     """PSNR, SSIM and the LR-grid pattern (:func:`grid_levels`) on Y with the conventional
     border of ``factor`` pixels."""

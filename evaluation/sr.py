@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from evaluation.common import EvalError, fmt, load_model_of_kind
 from evaluation.lpips import LPIPS
-from evaluation.metrics import bicubic_upscale, modcrop, sr_scores
+from evaluation.metrics import bicubic_upscale, modcrop, sr_scores, without_grid
 from model_zoo import registry
 from model_zoo.hardware import auto_precision, autocast
 from model_zoo.imaging import load_rgb, to_image, to_tensor
@@ -61,6 +62,9 @@ class SRRow:
     lpips: float
     grid: float
     """The LR-grid pattern in 8-bit levels (``evaluation.metrics.grid_levels``)."""
+    lpips_without_grid: float | None = None
+    """LPIPS of the output less its LR-grid pattern (``--lpips-without-grid``): how much of
+    the LPIPS the pattern earns."""
 
 
 def benchmark_images(data: Path, set_name: str, limit: int | None) -> list[Path]:
@@ -83,6 +87,7 @@ def evaluate_sr(
     lpips_precision: str = "auto",
     lpips_model: LPIPS | None = None,
     degradation: str = "train",
+    lpips_without_grid: bool = False,
 ) -> list[SRRow]:
     """Score bicubic and every model on every image; one row per (image, factor, method)."""
     device = device or torch.device("cpu")
@@ -110,9 +115,12 @@ def evaluate_sr(
                         scores = sr_scores(output, hr, factor)
                         feats = metric.features_of(_shaved_tensor(output, factor, device))
                         distance = float(metric.distance(feats, ref)[0])
-                        rows.append(
-                            SRRow(set_name, path.name, factor, method, **scores, lpips=distance)
-                        )
+                        row = SRRow(set_name, path.name, factor, method, **scores, lpips=distance)
+                        if lpips_without_grid:
+                            clean = _without_grid_image(output, hr, factor)
+                            feats = metric.features_of(_shaved_tensor(clean, factor, device))
+                            row.lpips_without_grid = float(metric.distance(feats, ref)[0])
+                        rows.append(row)
             log.info("sr %s/%s done", set_name, path.name)
     return rows
 
@@ -127,6 +135,17 @@ def make_lr(hr: Image.Image, factor: int, degradation: str = "train") -> Image.I
         size = (hr.width // factor, hr.height // factor)
         return hr.resize(size, Image.Resampling.BICUBIC)
     raise EvalError(f"unknown degradation {degradation!r}; use 'train' or 'bicubic'")
+
+
+def _without_grid_image(output: Image.Image, hr: Image.Image, factor: int) -> Image.Image:
+    """The output less its LR-grid pattern (measured on the shaved crop LPIPS sees, so the
+    phases line up with the LR grid), rounded back to 8 bits as an output would be."""
+    w, h = output.size
+    box = (factor, factor, w - factor, h - factor)
+    clean = without_grid(np.asarray(output.crop(box)), np.asarray(hr.crop(box)), factor)
+    image = output.copy()
+    image.paste(Image.fromarray(np.clip(clean, 0, 255).round().astype(np.uint8)), box[:2])
+    return image
 
 
 def _shaved_tensor(img: Image.Image, border: int, device: torch.device) -> torch.Tensor:
@@ -148,6 +167,11 @@ def summarise_sr(rows: Sequence[SRRow]) -> dict[int, dict[str, dict[str, dict[st
             "grid": statistics.fmean(r.grid for r in items),
             "images": len(items),
         }
+        if all(r.lpips_without_grid is not None for r in items):
+            out[factor][set_name][method]["lpips_without_grid"] = statistics.fmean(
+                r.lpips_without_grid
+                for r in items  # type: ignore[misc]
+            )
     return out
 
 
@@ -182,6 +206,21 @@ def sr_markdown(summary: dict[int, dict[str, dict[str, dict[str, float]]]]) -> s
                     cells.append(f"{ref[key][0]:.2f} / {ref[key][1]:.3f}" if key in ref else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if all("lpips_without_grid" in m for by in sets.values() for m in by.values()):
+            lines += [
+                "LPIPS as measured -> with each output's LR-grid pattern removed "
+                "(`--lpips-without-grid`; lower is better):",
+                "",
+                "| set | " + " | ".join(methods) + " |",
+                "|" + "---|" * (len(methods) + 1),
+            ]
+            for set_name, by_method in sets.items():
+                pairs = [
+                    (by_method[m]["lpips"], by_method[m]["lpips_without_grid"]) for m in methods
+                ]
+                cells = [f"{fmt(a, 3)} -> {fmt(b, 3)}" for a, b in pairs]
+                lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -74,6 +74,7 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
             str(out),
             "--json",
             str(js),
+            "--lpips-without-grid",
         ]
     )
     assert rc == 0
@@ -90,6 +91,7 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
     for r in rows:
         assert math.isfinite(r["psnr"]) and 0 < r["psnr"] < 100
         assert -1 <= r["ssim"] <= 1 and r["lpips"] > 0 and r["grid"] >= 0
+        assert r["lpips_without_grid"] > 0
 
     manifest = read_manifest(sr_zoo)
     sr = manifest.get("x4").metrics["sr"]
@@ -108,6 +110,7 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
     table = out.read_text()
     assert "### x4" in table and "### x8" in table
     assert "SetA (2)" in table and "paper l_feat" in table and "LPIPS / grid" in table
+    assert "with each output's LR-grid pattern removed" in table
 
 
 def test_sr_scores_use_the_training_degradation(sr_zoo: Path, bench: Path) -> None:

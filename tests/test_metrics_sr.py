@@ -22,6 +22,7 @@ from evaluation.metrics import (
     sr_scores,
     ssim,
     ssim_y,
+    without_grid,
 )
 from training.losses import grid_loss
 
@@ -175,3 +176,22 @@ def test_the_grid_loss_is_the_grid_measure_squared_in_unit_range() -> None:
     levels = grid_levels((16 + 219 * output[0, 0]).numpy(), (16 + 219 * target[0, 0]).numpy(), 4)
     assert loss > 0 and 219 * math.sqrt(loss) == pytest.approx(levels, rel=1e-5)
     assert float(grid_loss(target + 0.3, target, 4)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_removing_the_grid_leaves_the_rest_of_the_output() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.uniform(40, 200, size=(64, 96, 3))
+    detail = rng.normal(scale=4.0, size=reference.shape)  # what is not a grid stays
+    pattern = np.tile(_pattern(4, 6)[..., None] * [1.0, 2.0, 0.5], (16, 24, 1))
+    clean = without_grid(reference + detail + pattern, reference, 4)
+    for channel in range(3):
+        assert grid_levels(clean[..., channel], reference[..., channel], 4) < 1e-9
+    np.testing.assert_allclose(clean - reference, detail - _grid_of(detail, 4), atol=1e-9)
+
+
+def _grid_of(residual: np.ndarray, period: int) -> np.ndarray:
+    phases = residual.reshape(
+        residual.shape[0] // period, period, residual.shape[1] // period, period, -1
+    ).mean(axis=(0, 2))
+    phases -= phases.mean(axis=(0, 1), keepdims=True)
+    return np.tile(phases, (residual.shape[0] // period, residual.shape[1] // period, 1))
