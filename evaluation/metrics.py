@@ -148,7 +148,8 @@ def grid_levels(output: np.ndarray, reference: np.ndarray, period: int) -> float
     Why: a feature-loss SR net can paint a faint checkerboard on the LR pixel grid that the
     loss network does not see (its pooling discards that phase) and PSNR / LPIPS barely
     register. Natural residuals average out over the phases (bicubic and the pixel-loss nets
-    measure 0.2-0.4 levels on BSD100); the 2026-12-04 ``x4`` measured 1.8, visible on faces.
+    measure 0.15-0.45 levels on Set5 / Set14 / BSD100); the 2026-12-04 ``x4`` 1.3-1.8, visible
+    on faces.
     The arrays must start on the LR grid (modcropped, shaved by a multiple of ``period``)."""
     if output.shape != reference.shape:
         raise ValueError(f"shape mismatch {output.shape} vs {reference.shape}")
