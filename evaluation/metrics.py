@@ -140,6 +140,20 @@ def ssim_y(output: ImageLike, reference: ImageLike, border: int) -> float:
     return ssim(shave(rgb_to_y(output), border), shave(rgb_to_y(reference), border))
 
 
+def _grid_pattern(residual: np.ndarray, period: int) -> np.ndarray:
+    """The zero-mean ``period`` x ``period`` tile (per channel, when there are channels) that
+    ``residual`` repeats on its grid: its mean at each phase, less their mean. The residual is
+    cropped to whole periods; it must start on the LR grid."""
+    height, width = (residual.shape[0] // period) * period, (residual.shape[1] // period) * period
+    if not height or not width:
+        raise ValueError(f"image {residual.shape[:2]} smaller than the period {period}")
+    tiles = residual[:height, :width].reshape(
+        height // period, period, width // period, period, *residual.shape[2:]
+    )
+    pattern = tiles.mean(axis=(0, 2))
+    return pattern - pattern.mean(axis=(0, 1), keepdims=True)
+
+
 def grid_levels(output: np.ndarray, reference: np.ndarray, period: int) -> float:
     """RMS, in 8-bit levels, of the part of ``output - reference`` that repeats every
     ``period`` pixels in both directions (the mean residual at each of the period x period
@@ -153,12 +167,8 @@ def grid_levels(output: np.ndarray, reference: np.ndarray, period: int) -> float
     The arrays must start on the LR grid (modcropped, shaved by a multiple of ``period``)."""
     if output.shape != reference.shape:
         raise ValueError(f"shape mismatch {output.shape} vs {reference.shape}")
-    height, width = (output.shape[0] // period) * period, (output.shape[1] // period) * period
-    if not height or not width:
-        raise ValueError(f"image {output.shape[:2]} smaller than the period {period}")
-    residual = np.asarray(output, np.float64)[:height, :width] - reference[:height, :width]
-    phases = residual.reshape(height // period, period, width // period, period).mean(axis=(0, 2))
-    return float(np.sqrt(np.mean((phases - phases.mean()) ** 2)))
+    residual = np.asarray(output, np.float64) - reference
+    return float(np.sqrt(np.mean(_grid_pattern(residual, period) ** 2)))
 
 
 def without_grid(output: np.ndarray, reference: np.ndarray, period: int) -> np.ndarray:
@@ -166,11 +176,8 @@ def without_grid(output: np.ndarray, reference: np.ndarray, period: int) -> np.n
     :func:`grid_levels` measures, subtracted. A diagnosis, not a filter (it needs the
     reference): how much of a score such as LPIPS the pattern earns."""
     out = np.asarray(output, np.float64).copy()
+    pattern = _grid_pattern(out - np.asarray(reference, np.float64), period)
     height, width = (out.shape[0] // period) * period, (out.shape[1] // period) * period
-    residual = out[:height, :width] - np.asarray(reference, np.float64)[:height, :width]
-    phases = residual.reshape(height // period, period, width // period, period, -1)
-    pattern = phases.mean(axis=(0, 2))
-    pattern -= pattern.mean(axis=(0, 1), keepdims=True)
     out[:height, :width] -= np.tile(pattern, (height // period, width // period, 1))
     return out
 

@@ -117,8 +117,8 @@ def evaluate_sr(
                         distance = float(metric.distance(feats, ref)[0])
                         row = SRRow(set_name, path.name, factor, method, **scores, lpips=distance)
                         if lpips_without_grid:
-                            clean = _without_grid_image(output, hr, factor)
-                            feats = metric.features_of(_shaved_tensor(clean, factor, device))
+                            clean = _shaved_without_grid(output, hr, factor, device)
+                            feats = metric.features_of(clean)
                             row.lpips_without_grid = float(metric.distance(feats, ref)[0])
                         rows.append(row)
             log.info("sr %s/%s done", set_name, path.name)
@@ -137,15 +137,15 @@ def make_lr(hr: Image.Image, factor: int, degradation: str = "train") -> Image.I
     raise EvalError(f"unknown degradation {degradation!r}; use 'train' or 'bicubic'")
 
 
-def _without_grid_image(output: Image.Image, hr: Image.Image, factor: int) -> Image.Image:
-    """The output less its LR-grid pattern (measured on the shaved crop LPIPS sees, so the
-    phases line up with the LR grid), rounded back to 8 bits as an output would be."""
+def _shaved_without_grid(
+    output: Image.Image, hr: Image.Image, factor: int, device: torch.device
+) -> torch.Tensor:
+    """The shaved crop LPIPS sees, less its LR-grid pattern (the shave keeps the phases on the
+    LR grid), rounded to 8 bits as an output would be."""
     w, h = output.size
     box = (factor, factor, w - factor, h - factor)
     clean = without_grid(np.asarray(output.crop(box)), np.asarray(hr.crop(box)), factor)
-    image = output.copy()
-    image.paste(Image.fromarray(np.clip(clean, 0, 255).round().astype(np.uint8)), box[:2])
-    return image
+    return to_tensor(Image.fromarray(np.clip(clean, 0, 255).round().astype(np.uint8))).to(device)
 
 
 def _shaved_tensor(img: Image.Image, border: int, device: torch.device) -> torch.Tensor:
