@@ -250,10 +250,13 @@ def train_stage(
     timed: dict[str, float] = {}
     """Where the timed (steady-state) part began: iteration and time."""
 
-    def measure() -> None:
-        """The report's speed so far (call after a synchronisation)."""
+    def count() -> None:
         report.steps = state.iteration - report.start_iteration
         report.iteration = state.iteration
+
+    def measure() -> None:
+        """The report's counts and speed so far (call after a synchronisation)."""
+        count()
         if not timed:
             return
         report.timed_steps = int(state.iteration - timed["iteration"])
@@ -354,9 +357,7 @@ def train_stage(
             steps = {"graph": graph.replay} if graph is not None else {}
             report.profile = _profile(steps | {"eager": eager_step}, device, run_dir)
             after_steps(len(report.profile))
-            # Counted as trained, but not in the speed (the profiler slows them).
-            report.iteration = state.iteration
-            report.steps = state.iteration - report.start_iteration
+            count()  # trained, but not in the speed (the profiler slows them)
         flush()
     report.stopped_by = stop_reason if report.steps or options.budget_s > 0 else "export-only"
     del graph
