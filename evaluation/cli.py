@@ -224,7 +224,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_store:
             # Plain-bicubic LR is a side protocol: it must not replace the main numbers.
             key = "sr" if args.degradation == "train" else "sr_bicubic_lr"
-            store_sr_metrics(summary, args.models, args.zoo, protocol, key)
+            protocol |= {"limit": args.limit} if args.limit else {}
+            for kept in store_sr_metrics(summary, args.models, args.zoo, protocol, key):
+                print(
+                    f"{kept}: stored numbers kept (measured on more images than this run)",
+                    file=sys.stderr,
+                )
         write_outputs(sr_markdown(summary), args.out, [asdict(r) for r in rows], args.json)
         return 0
 

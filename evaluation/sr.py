@@ -230,14 +230,32 @@ def store_sr_metrics(
     root: str | None,
     protocol: dict[str, Any],
     key: str = "sr",
-) -> None:
-    """Each model gets its own scores per set, with bicubic beside them for reference."""
+) -> list[str]:
+    """Each model gets its own scores per set, with bicubic beside them for reference.
+
+    Merged by set, as style results merge by size: a run over Set5 alone must not erase the
+    BSD100 numbers. Each set keeps the protocol it was measured under (``protocol`` at the top
+    is the latest run's). A partial run (``--limit``) never replaces a measurement of the same
+    set on more images: the stored numbers stay the full-set ones. New weights start with no
+    metrics (``registry``), so what is kept always describes the weights shipped. Returns
+    ``model/set`` for each measurement kept that way.
+    """
+    kept: list[str] = []
     for name in models:
         entry = registry.get_entry(name, root)
         factor = sr_factor(entry)
-        per_set = {
-            set_name: {**by_method[name], "bicubic": by_method["bicubic"]}
-            for set_name, by_method in summary.get(factor, {}).items()
-            if name in by_method
+        previous = entry.metrics.get(key, {})
+        sets = {
+            set_name: {"protocol": previous.get("protocol", {}), **result}
+            for set_name, result in previous.get("sets", {}).items()
         }
-        registry.update_metrics(name, {key: {"protocol": protocol, "sets": per_set}}, root)
+        for set_name, by_method in summary.get(factor, {}).items():
+            if name not in by_method:
+                continue
+            result = {**by_method[name], "bicubic": by_method["bicubic"], "protocol": protocol}
+            if sets.get(set_name, {}).get("images", 0) > result["images"]:
+                kept.append(f"{name}/{set_name}")
+                continue
+            sets[set_name] = result
+        registry.update_metrics(name, {key: {"protocol": protocol, "sets": sets}}, root)
+    return kept

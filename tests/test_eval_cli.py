@@ -304,6 +304,31 @@ def test_plain_bicubic_protocol_is_stored_beside_the_main_numbers(
     assert make_lr(hr, 4, "bicubic").size == (hr.width // 4, hr.height // 4)
 
 
+def test_sr_results_merge_by_set_and_a_partial_run_keeps_the_full_numbers(
+    sr_zoo: Path, bench: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["sr", "--models", "x4", "--data", str(bench), "--zoo", str(sr_zoo), "--out", "-"]
+    assert zoo_eval.main([*base, "--sets", "SetA", "SetB"]) == 0
+    full = read_manifest(sr_zoo).get("x4").metrics["sr"]["sets"]
+    assert full["SetA"]["images"] == full["SetB"]["images"] == 2
+
+    capsys.readouterr()
+    assert zoo_eval.main([*base, "--sets", "SetA", "--limit", "1"]) == 0
+    assert "x4/SetA: stored numbers kept" in capsys.readouterr().err
+    sr = read_manifest(sr_zoo).get("x4").metrics["sr"]
+    assert sr["sets"]["SetA"] == full["SetA"]  # the two-image numbers, not the one-image ones
+    assert sr["sets"]["SetB"] == full["SetB"]  # a run over SetA does not erase SetB
+    assert sr["protocol"]["limit"] == 1  # the latest run's protocol says it was partial
+    assert "limit" not in sr["sets"]["SetA"]["protocol"]
+
+    # A full run over one set replaces that set only, under its own protocol.
+    assert zoo_eval.main([*base, "--sets", "SetB", "--precision", "bf16"]) == 0
+    sr = read_manifest(sr_zoo).get("x4").metrics["sr"]
+    assert sr["sets"]["SetB"]["protocol"]["precision"] == "bf16"
+    assert sr["sets"]["SetA"]["protocol"]["precision"] == "fp32"
+    assert sr["sets"]["SetB"]["psnr"] == pytest.approx(full["SetB"]["psnr"], abs=0.5)
+
+
 def test_droplet_eval_counts_per_style_and_slot_and_stores_them(
     tiny_zoo: Path, bench: Path, tmp_path: Path
 ) -> None:
