@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model_zoo.config import MultiStyleNetConfig, SRNetConfig, StyleNetConfig
-from model_zoo.hardware import auto_precision
+from model_zoo.hardware import auto_precision, resolve_compute
 from model_zoo.nets import MultiStyleNet, SRNet, StyleNet, build_net, count_parameters
 
 
@@ -71,6 +73,22 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(
     assert auto_precision(cpu) == "bf16"
     assert auto_precision(torch.device("cuda"), "bf16") == "bf16"
     assert auto_precision(torch.device("cuda")) == "fp16"
+
+
+def test_asking_for_bf16_on_a_cpu_without_it_is_honoured_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="model_zoo.hardware"):
+        assert resolve_compute("cpu", "bf16").precision == "bf16"
+        assert "emulated" in caplog.text and "'auto' picks fp32" in caplog.text
+        caplog.clear()
+        assert resolve_compute("cpu", "auto").precision == "fp32"
+        assert resolve_compute("cpu", "fp32").precision == "fp32"
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+        assert resolve_compute("cpu", "bf16").precision == "bf16"
+    assert caplog.text == ""  # only the emulated case warns
 
 
 def test_style_net_parameter_count_matches_paper() -> None:
