@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_kept(kept: list[str]) -> None:
+    """A partial run keeps the fuller stored numbers; say so, or the operator would believe the
+    manifest now holds this run's."""
+    for what in kept:
+        print(
+            f"{what}: stored numbers kept (measured on more images than this run)", file=sys.stderr
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.task == "gallery":
         return gallery.run(args)
@@ -189,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_droplets(styles, photos, args.sizes, examples=args.examples)
         protocol |= {"photos": str(args.photos), "num_photos": len(photos), "precision": "fp32"}
         if not args.no_store:
-            store_droplet_metrics(results, args.zoo, protocol)
+            _report_kept(store_droplet_metrics(results, args.zoo, protocol))
         write_outputs(droplets_markdown(results), args.out, results, args.json)
         return 0
     if args.task == "sr":
@@ -225,11 +234,7 @@ def run(args: argparse.Namespace) -> int:
             # Plain-bicubic LR is a side protocol: it must not replace the main numbers.
             key = "sr" if args.degradation == "train" else "sr_bicubic_lr"
             protocol |= {"limit": args.limit} if args.limit else {}
-            for kept in store_sr_metrics(summary, args.models, args.zoo, protocol, key):
-                print(
-                    f"{kept}: stored numbers kept (measured on more images than this run)",
-                    file=sys.stderr,
-                )
+            _report_kept(store_sr_metrics(summary, args.models, args.zoo, protocol, key))
         write_outputs(sr_markdown(summary), args.out, [asdict(r) for r in rows], args.json)
         return 0
 
@@ -257,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "ff_precision": "fp32",
     }
     if not args.no_store:
-        store_style_metrics(results, args.zoo, protocol)
+        _report_kept(store_style_metrics(results, args.zoo, protocol))
     write_outputs(style_markdown(results, args.iterations), args.out, results, args.json)
     return 0
 

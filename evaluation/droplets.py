@@ -226,11 +226,13 @@ def droplets_markdown(results: dict[str, dict[str, Any]]) -> str:
 
 def store_droplet_metrics(
     results: dict[str, dict[str, Any]], root: str | None, protocol: dict[str, Any]
-) -> None:
-    """Into each style's metrics (a slot's own for multi-style nets), merged by size."""
+) -> list[str]:
+    """Into each style's metrics (a slot's own for multi-style nets), merged by size; a run on
+    fewer photos never replaces a size measured on more (returned as ``style/size``)."""
     from model_zoo import registry
     from model_zoo.manifest import read_manifest
 
+    kept: list[str] = []
     refs = read_manifest(root).styles()
     for name, by_size in results.items():
         ref = refs[name]
@@ -238,10 +240,10 @@ def store_droplet_metrics(
         entry = registry.get_entry(ref.model, root)
         metrics = next((s.metrics for s in entry.styles if s.name == slot), entry.metrics)
         sizes = dict(metrics.get("droplets", {}).get("sizes", {}))
-        sizes.update(
-            {
-                size: {k: v for k, v in r.items() if k != "per_photo"} | {"protocol": protocol}
-                for size, r in by_size.items()
-            }
-        )
+        for size, r in by_size.items():
+            if sizes.get(size, {}).get("photos", 0) > r["photos"]:
+                kept.append(f"{name}/{size}")
+                continue
+            sizes[size] = {k: v for k, v in r.items() if k != "per_photo"} | {"protocol": protocol}
         registry.update_metrics(ref.model, {"droplets": {"sizes": sizes}}, root, slot)
+    return kept

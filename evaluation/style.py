@@ -275,12 +275,14 @@ def style_markdown(results: dict[str, dict[str, Any]], checkpoints: Sequence[int
 
 def store_style_metrics(
     results: dict[str, dict[str, Any]], root: str | None, protocol: dict[str, Any]
-) -> None:
+) -> list[str]:
     """Merge by size: a later 512 px run must not erase the 256 px results (and vice versa).
 
     Each size keeps the protocol it was measured under, since runs at different sizes may come
-    from different sessions and machines.
+    from different sessions and machines. A run on fewer photos never replaces a size measured
+    on more (as ``store_sr_metrics``); returns ``style/size`` for each measurement kept so.
     """
+    kept: list[str] = []
     refs = read_manifest(root).styles()
     for name, by_size in results.items():
         model, slot = refs[name].model, (name if refs[name].index is not None else None)
@@ -291,7 +293,13 @@ def store_style_metrics(
             size: {"protocol": previous.get("protocol", {}), **result}
             for size, result in previous.get("sizes", {}).items()
         }
-        sizes.update({size: {**result, "protocol": protocol} for size, result in by_size.items()})
+        for size, result in by_size.items():
+            stored = sizes.get(size, {}).get("summary", {}).get("photos", 0)
+            if stored > result["summary"]["photos"]:
+                kept.append(f"{name}/{size}")
+                continue
+            sizes[size] = {**result, "protocol": protocol}
         registry.update_metrics(
             model, {"style_vs_optimization": {"protocol": protocol, "sizes": sizes}}, root, slot
         )
+    return kept

@@ -236,6 +236,17 @@ def test_style_eval_compares_with_lbfgs_and_stores_metrics(
     assert merged["sizes"]["32"]["summary"] == summary
     assert merged["sizes"]["32"]["protocol"]["init"] == "content"
     assert merged["sizes"]["24"]["protocol"]["init"] == "noise"
+    # A run on fewer photos at a size measured on more keeps the fuller numbers.
+    rc = zoo_eval.main(
+        [
+            "style", "--models", "tiny_style", "--photos", str(bench / "SetA"),
+            "--num-photos", "1", "--sizes", "32", "--iterations", "2", "--ff-repeats", "1",
+            "--zoo", str(style_zoo), "--out", "-",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    again = read_manifest(style_zoo).get("tiny_style").metrics["style_vs_optimization"]
+    assert again["sizes"]["32"]["summary"] == summary
 
 
 def test_style_objective_of_the_feed_forward_output_is_the_gatys_objective(
@@ -353,3 +364,11 @@ def test_droplet_eval_counts_per_style_and_slot_and_stores_them(
     counts = slot.metrics["droplets"]["sizes"]
     assert set(counts) == {"48", "96"} and counts["96"]["protocol"]["precision"] == "fp32"
     assert counts["96"]["droplets"] == results["ms_a"]["96"]["droplets"]
+    # One photo at 96 px keeps the two-photo numbers; a new size is added beside them.
+    argv1 = ["droplets", "--zoo", str(tiny_zoo), "--photos", str(bench / "SetA"), "--out", "-"]
+    assert (
+        zoo_eval.main([*argv1, "--models", "mosaic", "--num-photos", "1", "--sizes", "96", "64"])
+        == 0
+    )
+    sizes = read_manifest(tiny_zoo).get("mosaic").metrics["droplets"]["sizes"]
+    assert sizes["96"]["photos"] == 2 and sizes["64"]["photos"] == 1
