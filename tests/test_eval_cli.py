@@ -222,29 +222,20 @@ def test_style_eval_compares_with_lbfgs_and_stores_metrics(
     )
     table = out.read_text()
     assert "| tiny_style | 32 | 2 |" in table and "L-BFGS 4 its" in table
+    one_photo = [
+        "style", "--models", "tiny_style", "--photos", str(bench / "SetA"),
+        "--num-photos", "1", "--iterations", "2", "--ff-repeats", "1",
+        "--zoo", str(style_zoo), "--out", "-",
+    ]  # fmt: skip
     # A later run at another size adds to the stored results instead of replacing them.
-    rc = zoo_eval.main(
-        [
-            "style", "--models", "tiny_style", "--photos", str(bench / "SetA"),
-            "--num-photos", "1", "--sizes", "24", "--iterations", "2", "--ff-repeats", "1",
-            "--zoo", str(style_zoo), "--out", "-",
-        ]
-    )  # fmt: skip
-    assert rc == 0
+    assert zoo_eval.main([*one_photo, "--sizes", "24"]) == 0
     merged = read_manifest(style_zoo).get("tiny_style").metrics["style_vs_optimization"]
     assert set(merged["sizes"]) == {"32", "24"}
     assert merged["sizes"]["32"]["summary"] == summary
     assert merged["sizes"]["32"]["protocol"]["init"] == "content"
     assert merged["sizes"]["24"]["protocol"]["init"] == "noise"
     # A run on fewer photos at a size measured on more keeps the fuller numbers.
-    rc = zoo_eval.main(
-        [
-            "style", "--models", "tiny_style", "--photos", str(bench / "SetA"),
-            "--num-photos", "1", "--sizes", "32", "--iterations", "2", "--ff-repeats", "1",
-            "--zoo", str(style_zoo), "--out", "-",
-        ]
-    )  # fmt: skip
-    assert rc == 0
+    assert zoo_eval.main([*one_photo, "--sizes", "32"]) == 0
     again = read_manifest(style_zoo).get("tiny_style").metrics["style_vs_optimization"]
     assert again["sizes"]["32"]["summary"] == summary
 
