@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,25 @@ def load_styles(
         slot = next((s for s in entry.styles if s.index == ref.index), None)
         styles.append(StyleUnderTest(name, net, entry, slot, one_hot_row(entry, ref.index, device)))
     return styles
+
+
+def merge_measurements(
+    stored: Mapping[str, dict[str, Any]],
+    new: Mapping[str, dict[str, Any]],
+    count: Callable[[dict[str, Any]], int],
+    label: str,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Stored measurements (by set or size) updated with new ones, except where the stored one
+    counted more images: a quick ``--limit 1`` check must never overwrite the full-set numbers
+    that the README and the gate quote. Returns the merge and ``label/key`` for each kept one."""
+    merged = dict(stored)
+    kept: list[str] = []
+    for key, result in new.items():
+        if key in merged and count(merged[key]) > count(result):
+            kept.append(f"{label}/{key}")
+            continue
+        merged[key] = result
+    return merged, kept
 
 
 def fmt(value: float | None, digits: int) -> str:

@@ -229,6 +229,7 @@ def store_droplet_metrics(
 ) -> list[str]:
     """Into each style's metrics (a slot's own for multi-style nets), merged by size; a run on
     fewer photos never replaces a size measured on more (returned as ``style/size``)."""
+    from evaluation.common import merge_measurements
     from model_zoo import registry
     from model_zoo.manifest import read_manifest
 
@@ -239,11 +240,15 @@ def store_droplet_metrics(
         slot = name if ref.index is not None else None
         entry = registry.get_entry(ref.model, root)
         metrics = next((s.metrics for s in entry.styles if s.name == slot), entry.metrics)
-        sizes = dict(metrics.get("droplets", {}).get("sizes", {}))
-        for size, r in by_size.items():
-            if sizes.get(size, {}).get("photos", 0) > r["photos"]:
-                kept.append(f"{name}/{size}")
-                continue
-            sizes[size] = {k: v for k, v in r.items() if k != "per_photo"} | {"protocol": protocol}
+        sizes, kept_here = merge_measurements(
+            metrics.get("droplets", {}).get("sizes", {}),
+            {
+                size: {k: v for k, v in r.items() if k != "per_photo"} | {"protocol": protocol}
+                for size, r in by_size.items()
+            },
+            lambda r: r.get("photos", 0),
+            name,
+        )
+        kept += kept_here
         registry.update_metrics(ref.model, {"droplets": {"sizes": sizes}}, root, slot)
     return kept

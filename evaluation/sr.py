@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.common import EvalError, fmt, load_model_of_kind
+from evaluation.common import EvalError, fmt, load_model_of_kind, merge_measurements
 from evaluation.lpips import LPIPS
 from evaluation.metrics import bicubic_upscale, modcrop, sr_scores, without_grid
 from model_zoo import registry
@@ -249,13 +249,12 @@ def store_sr_metrics(
             set_name: {"protocol": previous.get("protocol", {}), **result}
             for set_name, result in previous.get("sets", {}).items()
         }
-        for set_name, by_method in summary.get(factor, {}).items():
-            if name not in by_method:
-                continue
-            result = {**by_method[name], "bicubic": by_method["bicubic"], "protocol": protocol}
-            if sets.get(set_name, {}).get("images", 0) > result["images"]:
-                kept.append(f"{name}/{set_name}")
-                continue
-            sets[set_name] = result
+        measured = {
+            set_name: {**by_method[name], "bicubic": by_method["bicubic"], "protocol": protocol}
+            for set_name, by_method in summary.get(factor, {}).items()
+            if name in by_method
+        }
+        sets, kept_here = merge_measurements(sets, measured, lambda r: r.get("images", 0), name)
+        kept += kept_here
         registry.update_metrics(name, {key: {"protocol": protocol, "sets": sets}}, root)
     return kept

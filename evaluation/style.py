@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.common import DEFAULT_SR_DATA, EvalError, load_styles
+from evaluation.common import DEFAULT_SR_DATA, EvalError, load_styles, merge_measurements
 from evaluation.gatys import (
     Init,
     JointObjective,
@@ -293,12 +293,13 @@ def store_style_metrics(
             size: {"protocol": previous.get("protocol", {}), **result}
             for size, result in previous.get("sizes", {}).items()
         }
-        for size, result in by_size.items():
-            stored = sizes.get(size, {}).get("summary", {}).get("photos", 0)
-            if stored > result["summary"]["photos"]:
-                kept.append(f"{name}/{size}")
-                continue
-            sizes[size] = {**result, "protocol": protocol}
+        sizes, kept_here = merge_measurements(
+            sizes,
+            {size: {**result, "protocol": protocol} for size, result in by_size.items()},
+            lambda r: r.get("summary", {}).get("photos", 0),
+            name,
+        )
+        kept += kept_here
         registry.update_metrics(
             model, {"style_vs_optimization": {"protocol": protocol, "sizes": sizes}}, root, slot
         )
