@@ -439,6 +439,16 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     assert third.start_iteration == second.iteration < third.iteration
 
 
+def test_the_gpu_loop_refuses_a_weight_average_instead_of_ignoring_it(
+    pack: Pack, tmp_path: Path
+) -> None:
+    stage = next(s for s in campaign.default_stages(pack, dry_run=True) if s.name == "x4_pixel")
+    settings = campaign.stage_settings(stage, tmp_path, pack, "cpu", ["--ema-decay", "0.999"])
+    with pytest.raises(ValueError, match="--ema-decay"):
+        train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1))
+    assert not (tmp_path / "runs" / "x4_pixel").exists()
+
+
 def test_a_failed_training_is_retried_once_in_a_fresh_eager_process(tmp_path: Path) -> None:
     """A failed stage can leave its process unusable (the 2026-12-04 lease: a failed CUDA graph
     capture poisoned the CUDA generator and every later stage failed): while time is left the

@@ -157,6 +157,38 @@ def test_resume_continues_from_checkpoint(photo_dir: Path, tmp_path: Path) -> No
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
 
 
+def test_a_weight_average_is_exported_and_continued_on_resume(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    common = ["sr", "--name", "x4", "--data", str(photo_dir), "--image-size", "32",
+              "--batch-size", "1", "--loss", "feat", "--zoo", str(zoo), "--run-dir", str(runs),
+              "--quiet", "--lr", "1e-2", "--ema-decay", "0.5"]  # fmt: skip
+    run([*common, "--iterations", "3"])
+    checkpoint = runs / "x4" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert int(tensors["ema.n_averaged"]) == 3
+    net, entry = load_model("x4", root=zoo)
+    exported = net.state_dict()
+    # The export is the average (BN statistics included), not the last step's weights.
+    for name, value in exported.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, tensors[f"ema.module.{name}"].float(), atol=1e-6), name
+    moved = max(
+        float((value - tensors[f"model.{name}"].float()).abs().max())
+        for name, value in exported.items()
+        if value.is_floating_point()
+    )
+    assert moved > 1e-3, "the exported weights are the last step's"
+    assert entry.training["ema_decay"] == 0.5 and entry.training["phases"][0]["ema_decay"] == 0.5
+
+    # A resume continues the average instead of restarting it at the resumed weights.
+    run([*common, "--iterations", "5", "--resume"])
+    with safe_open(str(checkpoint), "pt") as f:
+        assert int(f.get_tensor("ema.n_averaged")) == 5
+
+
 def test_ctrl_c_leaves_checkpoint_and_usable_model(photo_dir: Path, tmp_path: Path) -> None:
     zoo, runs = tmp_path / "zoo", tmp_path / "runs"
     proc = subprocess.Popen(

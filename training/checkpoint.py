@@ -48,11 +48,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: RunState,
     elapsed_s: float,
+    average: nn.Module | None = None,
 ) -> None:
     """Write atomically: a run killed mid-write keeps its previous checkpoint. ``elapsed_s`` is
-    the run's training time so far, over every session that resumed it."""
+    the run's training time so far, over every session that resumed it; ``average`` is the
+    weights' moving average (``--ema-decay``), kept so a resume continues it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update(_optimizer_tensors(net, optimizer))
+    if average is not None:
+        tensors.update(
+            {f"ema.{k}": v.detach().cpu().contiguous() for k, v in average.state_dict().items()}
+        )
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"iteration": str(state.iteration)})
     os.replace(tmp, path)
@@ -77,9 +83,19 @@ def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param).copy_(value)
 
 
-def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+def load_checkpoint(
+    path: Path,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    average: nn.Module | None = None,
+) -> RunState:
+    """Restore the net, Adam's moments and ``average`` (where the checkpoint has one: a run
+    that turns ``--ema-decay`` on at a resume starts its average at the resumed weights)."""
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if average is not None and averaged:
+        average.load_state_dict(averaged)
     by_name = dict(net.named_parameters())
     # Older checkpoints keyed the state by index into the one group of net.parameters().
     by_index = {str(i): name for i, name in enumerate(by_name)}

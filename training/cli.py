@@ -56,6 +56,12 @@ def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None
     parser.add_argument(
         "--warmup", type=int, default=0, help="linear lr warm-up iterations (0: off)"
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="export the weights' moving average with this decay per step, e.g. 0.999 (0: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

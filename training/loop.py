@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -114,9 +115,16 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         [group | {"lr": settings.lr * group["lr_scale"]} for group in groups], lr=settings.lr
     )
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+    # The BN statistics are averaged too: the averaged weights' activations are not the last
+    # step's, and a long average of the statistics is closer to theirs than the last few batches.
+    average = (
+        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+        if settings.ema_decay
+        else None
+    )
 
     if resuming:
-        state = load_checkpoint(checkpoint, net, optimizer)
+        state = load_checkpoint(checkpoint, net, optimizer, average)
         log.info("resumed %s at iteration %d", checkpoint, state.iteration)
     _record_phase(task, state)
     start = state.iteration
@@ -145,6 +153,12 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     def elapsed() -> float:
         return state.elapsed_s + time.perf_counter() - started
 
+    def shipped() -> nn.Module:
+        """What the run exports (and its samples show): the average where one is kept."""
+        if average is None or not int(average.n_averaged):
+            return net
+        return average.module  # type: ignore[return-value]
+
     with StopRequested() as stop:
         while state.iteration < settings.iterations and not stop.requested:
             step_start = time.perf_counter()
@@ -162,6 +176,8 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update_parameters(net)
             state.iteration += 1
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -175,17 +191,17 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                     | {"img/s": f"{settings.batch_size / step_time:.2f}"}
                 )
             if state.iteration % settings.checkpoint_every == 0:
-                save_checkpoint(checkpoint, net, optimizer, state, elapsed())
-                write_run_report(task, net, sample_photos, state.history, run_dir, device)
+                save_checkpoint(checkpoint, net, optimizer, state, elapsed(), average)
+                write_run_report(task, shipped(), sample_photos, state.history, run_dir, device)
     bar.close()
     wall = elapsed()
-    save_checkpoint(checkpoint, net, optimizer, state, wall)
+    save_checkpoint(checkpoint, net, optimizer, state, wall, average)
     if stop.requested:
         log.warning(
             "stopped at iteration %d; checkpoint %s; exporting", state.iteration, checkpoint
         )
-    write_run_report(task, net, sample_photos, state.history, run_dir, device)
-    entry = export(task, net, state, compute, wall, dataset, interrupted=stop.requested)
+    write_run_report(task, shipped(), sample_photos, state.history, run_dir, device)
+    entry = export(task, shipped(), state, compute, wall, dataset, interrupted=stop.requested)
     log.info(
         "wrote %s (%s) to the zoo after %d iterations",
         entry.name,

@@ -169,6 +169,13 @@ def train_stage(
     stage whose process was killed). ``photos`` / ``vgg_state`` let stages share what the pack
     decoded once.
     """
+    if settings.ema_decay:
+        # Its update reads a counter on the host every step, which a CUDA graph cannot hold;
+        # refused before the lease's seconds are spent rather than silently ignored.
+        raise ValueError(
+            f"{settings.name}: --ema-decay is not supported by the GPU loop (train with "
+            "python -m training for a weight average)"
+        )
     started = time.monotonic()
     deadline = started + options.budget_s
     report = StageReport(settings.name, settings.task)

@@ -119,6 +119,8 @@ class TrainingTask(ABC, Generic[S]):
             phase["grad_clip"] = s.grad_clip
         if s.warmup:
             phase["warmup"] = s.warmup
+        if s.ema_decay:
+            phase["ema_decay"] = s.ema_decay
         return phase
 
     # ------------------------------------------------------------------ reporting

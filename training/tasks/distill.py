@@ -109,12 +109,16 @@ class DistillTask(MultiStyleTask):
 
     def phase(self) -> dict[str, Any]:
         s = self.settings
-        return {
-            "lr": s.lr,
-            "conditional_lr_scale": s.conditional_lr_scale,
-            "saturation_penalty": s.saturation_penalty,
-            "saturation_limit": s.saturation_limit,
-        } | ({"warmup": s.warmup} if s.warmup else {})
+        return (
+            {
+                "lr": s.lr,
+                "conditional_lr_scale": s.conditional_lr_scale,
+                "saturation_penalty": s.saturation_penalty,
+                "saturation_limit": s.saturation_limit,
+            }
+            | ({"warmup": s.warmup} if s.warmup else {})
+            | ({"ema_decay": s.ema_decay} if s.ema_decay else {})
+        )
 
     def manifest_fields(self) -> dict[str, Any]:
         return {"loss": "distilled", "styles": self.slots()}
