@@ -8,6 +8,7 @@ each child die with its parent). Nothing here touches a Redis or service it did 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -129,7 +130,8 @@ class Stack:
             )
 
     def wait_ready(self, timeout_s: float = 240.0, workers: int = 1) -> None:
-        """Until /readyz reports ``workers`` live heartbeats (models loaded and warmed up)."""
+        """Until /readyz reports ``workers`` live heartbeats with their costs measured: a
+        worker serves while it measures them, but a benchmark must not time its probes."""
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
@@ -139,7 +141,8 @@ class Stack:
             try:
                 resp = httpx.get(self.url + "/readyz", timeout=3)
                 last = resp.text
-                if resp.status_code == 200 and int(resp.json().get("workers", 0)) >= workers:
+                body = resp.json() if resp.status_code == 200 else {}
+                if int(body.get("workers", 0)) >= workers and not body.get("measuring"):
                     return
             except (httpx.HTTPError, ValueError) as exc:
                 last = repr(exc)
@@ -148,7 +151,8 @@ class Stack:
         raise StackError(f"stack not ready in {timeout_s:g} s (last /readyz: {last})\n{tails}")
 
     def wait_workers_redis(self, count: int = 1, timeout_s: float = 240.0) -> None:
-        """Without an API: until ``count`` worker heartbeat keys exist in Redis."""
+        """Without an API: until ``count`` worker heartbeats are in Redis, none of them still
+        measuring its costs."""
         client = redis.Redis.from_url(self.redis_url, socket_timeout=3)
         deadline = time.monotonic() + timeout_s
         try:
@@ -157,7 +161,9 @@ class Stack:
                     if not child.alive:
                         raise StackError(f"{child.name} exited:\n{self.log_tail(child.name)}")
                 pattern = Keys(self.prefix).heartbeat_pattern
-                if len(list(client.scan_iter(match=pattern))) >= count:
+                beats = [client.get(key) for key in client.scan_iter(match=pattern)]
+                live = [json.loads(beat) for beat in beats if beat]
+                if len(live) >= count and not any(beat.get("measuring") for beat in live):
                     return
                 time.sleep(0.25)
         finally:

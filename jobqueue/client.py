@@ -17,6 +17,8 @@ connection pool reconnects by itself, so the API recovers when Redis comes back.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -382,6 +384,16 @@ class JobQueue:
                 count += 1
             self._workers, self._workers_read_at = count, now
         return self._workers
+
+    async def measuring_workers(self) -> int:
+        """Live workers whose heartbeat lists models whose cost they are still measuring: they
+        serve meanwhile (each job waits for at most one probe) and admission assumes a cost."""
+        keys = [k async for k in self.redis.scan_iter(match=self.keys.heartbeat_pattern)]
+        count = 0
+        for raw in await self.redis.mget(keys) if keys else []:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                count += bool(json.loads(raw).get("measuring"))
+        return count
 
 
 def is_final(status: JobStatus | None) -> bool:

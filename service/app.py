@@ -380,6 +380,7 @@ async def readyz(request: Request) -> Response:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await queue.ping()
             workers = await queue.live_workers()
+            measuring = await queue.measuring_workers() if workers else 0
     except (RedisError, OSError, TimeoutError) as exc:
         return error_response(
             503, "not_ready", f"redis unreachable: {exc or type(exc).__name__}", retry,
@@ -389,7 +390,9 @@ async def readyz(request: Request) -> Response:
         return error_response(
             503, "not_ready", "no live worker heartbeat", retry, redis=True, workers=0
         )
-    return JSONResponse({"status": "ready", "redis": True, "workers": workers})
+    return JSONResponse(
+        {"status": "ready", "redis": True, "workers": workers, "measuring": measuring}
+    )
 
 
 @router.get(

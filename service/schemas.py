@@ -46,6 +46,11 @@ class Ready(BaseModel):
     status: str
     redis: bool
     workers: int
+    measuring: int = Field(
+        0,
+        description="Live workers still measuring their models' costs after a start: they serve "
+        "meanwhile (a job may wait for one probe) and admission assumes a cost until then.",
+    )
 
 
 _H_REQUEST_ID = {

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -29,6 +30,17 @@ torch.set_num_threads(2)
 NO_TILED_COST_PROBE = {"COST_PROBE_TILED_SCALE": "0"}
 """For workers started by tests that do not look at costs: the tiled cost probe takes ~6 s per
 model on a 2-core CPU at start-up (~18 s a worker); ``test_serving_limits`` tests it."""
+
+
+def wait_costs_measured(url: str, timeout: float) -> None:
+    """Until ``url``'s /readyz counts no worker still measuring its costs. A worker serves
+    while it measures them, but tests that time jobs or publish costs of their own must not
+    meet a late probe."""
+    deadline = time.monotonic() + timeout
+    while (body := httpx.get(url + "/readyz", timeout=10).json()).get("measuring"):
+        assert time.monotonic() < deadline, f"workers still measuring their costs: {body}"
+        time.sleep(0.1)
+
 
 TINY_STYLE = StyleNetConfig(base_channels=8, num_residual=1)
 TINY_SR = {

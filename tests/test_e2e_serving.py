@@ -11,6 +11,7 @@ service.launch`` start-up and Ctrl-C.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from model_zoo.reference import run_model
 from model_zoo.registry import load_model
 from service.launch import Child, free_port, http_status, start_api, start_worker, wait_http
 
-from .conftest import NO_TILED_COST_PROBE
+from .conftest import NO_TILED_COST_PROBE, wait_costs_measured
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +109,12 @@ class Stack:
         return child
 
     def wait_ready(self) -> None:
+        """/readyz, and then no worker still measuring its costs: the tests time jobs and
+        publish costs of their own, which a late probe would disturb."""
         try:
             wait_http(self.url + "/readyz", READY_TIMEOUT_S, [c for c in self.children if c])
-        except (RuntimeError, TimeoutError) as exc:
+            wait_costs_measured(self.url, READY_TIMEOUT_S)
+        except (RuntimeError, TimeoutError, AssertionError) as exc:
             raise AssertionError(f"{exc}\n{self.logs()}") from exc
 
     @property
@@ -213,9 +217,19 @@ def post_image(client: httpx.Client, path: str, array: np.ndarray) -> httpx.Resp
 # --- results -----------------------------------------------------------------------------------
 
 
-def test_ready_with_a_live_worker(client: httpx.Client) -> None:
+def test_ready_with_a_live_worker(stack: Stack, client: httpx.Client) -> None:
     body = client.get("/readyz").json()
-    assert body["status"] == "ready" and body["workers"] >= 1
+    assert body["status"] == "ready" and body["workers"] >= 1 and body["measuring"] == 0
+    # A worker that has just started serves while it measures its costs, and says so.
+    starting = redis.Redis.from_url(stack.redis_url)
+    key = stack.keys.heartbeat("just-started")
+    starting.set(key, json.dumps({"worker_id": "just-started", "measuring": ["x4"]}), px=10_000)
+    try:
+        again = client.get("/readyz").json()
+        assert again["workers"] == body["workers"] + 1 and again["measuring"] == 1
+    finally:
+        starting.delete(key)
+        starting.close()
 
 
 @pytest.mark.parametrize("size", [(40, 24), (33, 17)])

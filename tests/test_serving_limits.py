@@ -33,6 +33,7 @@ from imgsvc_client import Client, QueueFull, RetryPolicy
 from jobqueue.protocol import Job, JobResult, JobStatus, Keys, ModelCost
 from service.launch import Child, free_port, start_api, start_worker, wait_http
 
+from .conftest import wait_costs_measured
 from .test_api_abuse import metric
 
 pytestmark = pytest.mark.slow
@@ -130,6 +131,7 @@ def stack(
         )
         try:
             wait_http(service.url + "/readyz", 180, [api, worker])
+            wait_costs_measured(service.url, 180)
             yield service
         except BaseException:
             print(service.logs())

@@ -22,7 +22,7 @@ import pytest
 import redis
 from PIL import Image
 
-from jobqueue.consumer import Entry
+from jobqueue.consumer import Consumer, Entry
 from jobqueue.protocol import (
     CONSUMER_GROUP,
     Job,
@@ -146,7 +146,9 @@ def run_worker(
         if wait_ready:
             queue = Queue(url, prefix)
             deadline = time.monotonic() + START_TIMEOUT_S
-            while queue.heartbeat(worker_id) is None:
+            # Its costs measured, too: a worker serves while it measures them, but these
+            # tests count passes and time jobs, which a probe between them would disturb.
+            while (beat := queue.heartbeat(worker_id)) is None or beat.get("measuring"):
                 assert process.poll() is None, f"worker exited early:\n{worker.output()}"
                 assert time.monotonic() < deadline, f"worker not ready:\n{worker.output()}"
                 time.sleep(0.05)
@@ -642,3 +644,56 @@ def test_workers_starting_together_probe_each_model_once(redis_server: str, tiny
         assert a.tiled_seconds_per_megapixel == b.tiled_seconds_per_megapixel, name
         assert a.fingerprint == b.fingerprint == fingerprint(left.engine, name)
     assert list(queue.redis.scan_iter(match="t-cost2:costprobe:*")) == []
+
+
+def test_a_starting_worker_serves_while_its_costs_are_still_being_measured(
+    redis_server: str, tiny_zoo: Path
+) -> None:
+    """The probes were ~70 % of a CPU worker's start-up, and nothing was served until all
+    had run. Now a job waits for at most one probe: here every probe is held by a twin (as
+    when two workers start together), so this worker cannot measure anything yet, and must
+    still answer the job queued before it started; it adopts the twin's figures when they
+    come, and the heartbeat says which models it is still measuring meanwhile."""
+    queue = Queue(redis_server, "t-cost3")
+    settings = WorkerSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=redis_server, queue_prefix="t-cost3", model_zoo_dir=tiny_zoo,
+        worker_id="w-late", precision="fp32", cost_probe_tiled_scale=0,
+        cost_probe_wait_s=120, heartbeat_interval_s=0.2,
+    )  # fmt: skip
+    worker = Worker(settings, build_engine(settings))
+    names = worker.engine.load(None)
+    twin = Consumer.from_settings(settings, "w-twin")
+    marks = {name: fingerprint(worker.engine, name) for name in names}
+    assert all(twin.claim_cost_probe(name, mark, 120_000) for name, mark in marks.items())
+    pixels = image(24, 20, seed=5)
+    job_id = queue.submit(make_job(pixels))
+    worker.unmeasured = list(names)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        result = queue.result(job_id, timeout=60)
+        assert result.ok, result.error
+        decoded = np.asarray(Image.open(io.BytesIO(result.image)))
+        assert np.abs(decoded.astype(int) - reference(tiny_zoo, "tiny_style", pixels)).max() <= 1
+        assert decode_costs(queue.redis.hgetall(queue.keys.costs)) == {}  # nothing measured
+        beat = queue.heartbeat("w-late")
+        assert beat is not None and sorted(beat["measuring"]) == sorted(names)
+
+        # The twin publishes its figures and lets the claims go: adopted, none probed.
+        twin.publish_costs(
+            ModelCost(name, 0.5 + i, worker="w-twin", fingerprint=mark)
+            for i, (name, mark) in enumerate(marks.items())
+        )
+        for name, mark in marks.items():
+            twin.release_cost_probe(name, mark)
+        deadline = time.monotonic() + 30
+        while (beat := queue.heartbeat("w-late")) is None or beat["measuring"]:
+            assert time.monotonic() < deadline, beat
+            time.sleep(0.05)
+        for i, name in enumerate(marks):
+            assert worker.costs.get(name).seconds_per_megapixel == 0.5 + i  # type: ignore[union-attr]
+    finally:
+        worker.stopping.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()

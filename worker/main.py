@@ -24,10 +24,11 @@ the worker's decisions. One loop iteration:
 5. Store each result and acknowledge every entry in one MULTI/EXEC: a result is never
    acknowledged without being stored.
 
-The worker measures its own cost per model (``worker.costs``: at start-up, then from the jobs it
-computes) and publishes it for the API's admission. A heartbeat thread refreshes the worker's key,
-its claims on the jobs in flight (so a slow batch is not mistaken for a dead worker) and the
-costs. SIGTERM/SIGINT: the batch in flight finishes and is stored, no new jobs are taken, the
+The worker measures its own cost per model (``worker.costs``: once per model between its first
+jobs, so it serves as soon as its models are loaded; then from the jobs it computes) and publishes
+it for the API's admission (which assumes a cost until then). A heartbeat thread refreshes the
+worker's key (listing the models still ``measuring``), its claims on the jobs in flight (so a slow
+batch is not mistaken for a dead worker) and the costs. SIGTERM/SIGINT: the batch in flight finishes and is stored, no new jobs are taken, the
 heartbeat key is removed, exit 0. Metrics: ``worker.metrics`` on ``METRICS_PORT``.
 """
 
@@ -184,6 +185,11 @@ class Worker:
             max_workers=settings.resolved_encode_threads(), thread_name_prefix="encode"
         )
         self.claim_every_s = min(settings.claim_idle_ms / 2000, 5.0)
+        self.unmeasured: list[str] = []
+        """Models whose cost is neither measured nor adopted yet: ``run`` measures one after
+        each batch (a job waits for at most one probe, not for all of them; on a 2-core CPU
+        they were ~70 % of the start-up), and the heartbeat lists them as ``measuring``."""
+        self._probe_deadlines: dict[str, float] = {}
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -206,41 +212,60 @@ class Worker:
             log.info("created consumer group on %s", ", ".join(self.keys.streams))
 
     def measure_costs(self, names: list[str]) -> None:
-        """Time one pass of each loaded model (``worker.costs.probe``) so the API can admit
-        jobs by cost before this worker has computed any, unless a worker with the same
-        fingerprint published the figure or is measuring it now (``worker.costs``, module
-        docstring). Each figure is published as soon as it is known: other starting workers
-        may be waiting for it."""
-        for name in names:
-            try:
-                self._measure_cost(name)
-            except Exception:  # a model that cannot be probed is still served
-                log.exception("could not measure the cost of %s", name)
-                continue
-            cost = self.costs.get(name)
-            if cost is not None:
-                self.metrics.cost.labels(name).set(cost.seconds_per_megapixel)
-                log.info(
-                    "model %s costs %.3f s per output megapixel (tiled, above %d px input: %s)",
-                    name,
-                    cost.seconds_per_megapixel,
-                    cost.tile_input_side,
-                    f"{cost.tiled_seconds_per_megapixel:.3f}" if cost.tiled_samples else "-",
-                )
-            with contextlib.suppress(redis.RedisError):
-                self.consumer.publish_costs(self.costs.take_changes())
+        """Measure (or adopt) the cost of each of ``names`` now, waiting where another worker
+        is measuring one. ``run`` does the same between jobs instead (``unmeasured``)."""
+        self.unmeasured = list(names)
+        while self.unmeasured and not self.stopping.is_set():
+            if not self.measure_next_cost():
+                self.stopping.wait(0.25)  # another worker is probing it: wait for its figure
 
-    def _measure_cost(self, name: str) -> None:
+    def measure_next_cost(self) -> bool:
+        """Time one pass of the first model in ``unmeasured`` (``worker.costs.probe``) so the
+        API can admit its jobs by cost, unless a worker with the same fingerprint published
+        the figure or is measuring it now (``worker.costs``, module docstring). Each figure is
+        published as soon as it is known: other starting workers may be waiting for it.
+        Returns False when another worker holds that model's probe (it goes to the back of
+        the list, to be asked again); a model that cannot be probed is still served."""
+        name = self.unmeasured[0]
+        try:
+            done = self._measure_cost(name)
+        except Exception:
+            log.exception("could not measure the cost of %s", name)
+            done = True
+        self.unmeasured.remove(name)
+        if not done:
+            self.unmeasured.append(name)
+            return False
+        cost = self.costs.get(name)
+        if cost is not None:
+            self.metrics.cost.labels(name).set(cost.seconds_per_megapixel)
+            log.info(
+                "model %s costs %.3f s per output megapixel (tiled, above %d px input: %s)",
+                name,
+                cost.seconds_per_megapixel,
+                cost.tile_input_side,
+                f"{cost.tiled_seconds_per_megapixel:.3f}" if cost.tiled_samples else "-",
+            )
+        with contextlib.suppress(redis.RedisError):
+            self.consumer.publish_costs(self.costs.take_changes())
+        return True
+
+    def _measure_cost(self, name: str) -> bool:
         """Adopt a published figure for ``name`` with this worker's fingerprint; else claim
-        the probe, or wait (up to ``cost_probe_wait_s``) for the worker that claimed it."""
+        the probe and run it. False: another worker claimed it, and its figure is awaited (up
+        to ``cost_probe_wait_s`` from the first ask, then this worker probes it itself)."""
+        if self.stopping.is_set():
+            return True
         tiling = self.engine.tiling(name)
         tiled_side = tiled_probe_side(self.engine, name, self.settings.cost_probe_tiled_scale)
         mark = fingerprint(self.engine, name)
         if not self.settings.cost_probe_reuse:
             self._probe_cost(name, tiling, tiled_side, mark)
-            return
+            return True
         ttl_ms = max(1, int(self.settings.cost_probe_wait_s * 1000))
-        deadline = time.monotonic() + self.settings.cost_probe_wait_s
+        deadline = self._probe_deadlines.setdefault(
+            name, time.monotonic() + self.settings.cost_probe_wait_s
+        )
 
         def published() -> ModelCost | None:
             known = self.consumer.read_cost(name)
@@ -249,28 +274,24 @@ class Worker:
             return known if known.tiled_samples > 0 or not tiled_side else None
 
         claimed = False
-        while not self.stopping.is_set():
-            try:
+        try:
+            known = published()
+            if known is None and self.consumer.claim_cost_probe(name, mark, ttl_ms):
+                # Read again: the claim may have been free because its holder had just
+                # published the figure and let go.
                 known = published()
-                if known is None and self.consumer.claim_cost_probe(name, mark, ttl_ms):
-                    # Read again: the claim may have been free because its holder had just
-                    # published the figure and let go.
-                    known = published()
-                    claimed = known is None
-                    if not claimed:
-                        self.consumer.release_cost_probe(name, mark)
-            except redis.RedisError as exc:
-                log.warning("could not read or claim the cost of %s (%s): probing", name, exc)
-                break
+                claimed = known is None
+                if not claimed:
+                    self.consumer.release_cost_probe(name, mark)
+        except redis.RedisError as exc:
+            log.warning("could not read or claim the cost of %s (%s): probing", name, exc)
+        else:
             if known is not None:
                 self.costs.adopt(known)
                 log.info("model %s: adopted the cost worker %s measured", name, known.worker)
-                return
-            if claimed or time.monotonic() >= deadline:
-                break
-            self.stopping.wait(0.25)  # another worker is probing it: wait for its figure
-        if self.stopping.is_set() and not claimed:
-            return
+                return True
+            if not claimed and time.monotonic() < deadline:
+                return False
         try:
             self._probe_cost(name, tiling, tiled_side, mark)
             if claimed:  # published before the claim goes, so no waiter finds neither
@@ -280,6 +301,7 @@ class Worker:
             if claimed:
                 with contextlib.suppress(redis.RedisError):
                     self.consumer.release_cost_probe(name, mark)
+        return True
 
     def _probe_cost(self, name: str, tiling: tuple[int, int], tiled_side: int, mark: str) -> None:
         """Time ``name`` on a whole image and, where it tiles, on tiles."""
@@ -293,6 +315,7 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         backoff = 0.1
         group_ready = False
+        probe_next = bool(self.unmeasured)
         beat.start()
         try:
             while not self.stopping.is_set():
@@ -300,10 +323,17 @@ class Worker:
                     if not group_ready:
                         self.ensure_group()
                         group_ready = True
-                    entries, isolate = self.next_batch()
+                    # While costs are unmeasured, the read does not block: no job -> a probe.
+                    entries, isolate = self.next_batch(None if probe_next else BLOCK_MS)
                     for batch in [[e] for e in entries] if isolate else [entries]:
                         if batch:
                             self.process(batch)
+                    if self.unmeasured and not self.stopping.is_set():
+                        # A model another worker is probing is asked again after a blocking
+                        # read (up to BLOCK_MS), rather than in a busy loop.
+                        probe_next = self.measure_next_cost()
+                    else:
+                        probe_next = False
                     backoff = 0.1
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self.consumer.forget_in_flight()
@@ -369,6 +399,7 @@ class Worker:
                 "jobs_done": self.jobs_done,
                 "jobs_failed": self.jobs_failed,
                 "in_flight": self.consumer.in_flight,
+                "measuring": list(self.unmeasured),
             }
             self.consumer.heartbeat(info, self.settings.heartbeat_ttl_ms)
         self.metrics.in_flight.set(self.consumer.in_flight)
@@ -379,9 +410,10 @@ class Worker:
 
     # -------------------------------------------------------------------------- reading
 
-    def next_batch(self) -> tuple[list[Entry], bool]:
+    def next_batch(self, block_ms: int | None = BLOCK_MS) -> tuple[list[Entry], bool]:
         """Reclaimed jobs first (run one at a time), then interactive ones (batched), then one
-        bulk job (alone). The bool says whether to run the entries one at a time."""
+        bulk job (alone). The bool says whether to run the entries one at a time. ``block_ms``:
+        how long to wait for a first job when none is queued (None: not at all)."""
         now = time.monotonic()
         if now - self.last_claim >= self.claim_every_s:
             self.last_claim = now
@@ -400,8 +432,10 @@ class Worker:
             bulk = self.consumer.read("bulk", 1, None)
             if bulk:
                 return bulk, True
+            if block_ms is None:
+                return [], False
             # Block for the first job; the window after it is polled (``worker.batching``).
-            entries = self._read_interactive(settings.max_batch, BLOCK_MS)
+            entries = self._read_interactive(settings.max_batch, block_ms)
         if not entries:
             return [], False
         return self._fill_batch(entries), False
@@ -816,13 +850,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     if worker.stopping.is_set():
         return 0
-    worker.measure_costs(names)
+    worker.unmeasured = list(names)  # measured between jobs (``Worker.run``)
     if engine.device.type == "cuda":
         worker.metrics.watch_gpu(_cuda_memory)
     worker.metrics.serve(settings.metrics_host, settings.metrics_port)
     log.info(
         "serving %s from %s (prefix %r, max batch %d, wait %d ms (%s), %d px per pass, "
-        "%d encode threads)",
+        "%d encode threads; measuring costs between jobs)",
         ", ".join(names) or "-",
         redacted_url(settings.redis_url),
         settings.queue_prefix,
