@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from model_zoo.config import MultiStyleNetConfig
 from model_zoo.manifest import StyleSlot, read_manifest
@@ -439,14 +440,28 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     assert third.start_iteration == second.iteration < third.iteration
 
 
-def test_the_gpu_loop_refuses_a_weight_average_instead_of_ignoring_it(
-    pack: Pack, tmp_path: Path
-) -> None:
+def test_the_gpu_loop_exports_the_weight_average_and_resumes_it(pack: Pack, tmp_path: Path) -> None:
+    """The same average as the CPU loop's (``training.averaging``), updated inside the step
+    the CUDA graph captures; a second command continues it."""
     stage = next(s for s in campaign.default_stages(pack, dry_run=True) if s.name == "x4_pixel")
-    settings = campaign.stage_settings(stage, tmp_path, pack, "cpu", ["--ema-decay", "0.999"])
-    with pytest.raises(ValueError, match="--ema-decay"):
-        train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1))
-    assert not (tmp_path / "runs" / "x4_pixel").exists()
+    argv = ["--batch-size", "1", "--lr", "1e-2", "--ema-decay", "0.5"]
+    settings = campaign.stage_settings(stage, tmp_path, pack, "cpu", argv)
+    first = train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1, log_every=1))
+    checkpoint = tmp_path / "runs" / "x4_pixel" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert int(tensors["ema.n_averaged"]) == first.iteration >= 2  # profiled steps included
+    net, entry = load_model("x4_pixel", root=tmp_path / "zoo")
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    for name, value in floats.items():
+        assert torch.allclose(value, tensors[f"ema.module.{name}"].float(), atol=1e-6), name
+    moved = max(float((v - tensors[f"model.{k}"].float()).abs().max()) for k, v in floats.items())
+    assert moved > 1e-3, "the exported weights are the last step's"
+    assert entry.training["ema_decay"] == 0.5
+
+    second = train_stage(settings, pack, StageOptions(budget_s=2.5, reserve_s=1, log_every=1))
+    with safe_open(str(checkpoint), "pt") as f:
+        assert int(f.get_tensor("ema.n_averaged")) == second.iteration > first.iteration
 
 
 def test_a_failed_training_is_retried_once_in_a_fresh_eager_process(tmp_path: Path) -> None:

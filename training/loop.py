@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_zoo import manifest, registry
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
+from training.averaging import WeightAverage
 from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
 from training.data import ImageFolderCrops, InfiniteSampler
 from training.report import save_loss_curve
@@ -115,16 +115,13 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         [group | {"lr": settings.lr * group["lr_scale"]} for group in groups], lr=settings.lr
     )
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
-    # The BN statistics are averaged too: the averaged weights' activations are not the last
-    # step's, and a long average of the statistics is closer to theirs than the last few batches.
-    average = (
-        AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
-        if settings.ema_decay
-        else None
-    )
+    average = WeightAverage(net, settings.ema_decay) if settings.ema_decay else None
+    kept = average.model if average is not None else None  # what checkpoints store of it
 
     if resuming:
-        state = load_checkpoint(checkpoint, net, optimizer, average)
+        state = load_checkpoint(checkpoint, net, optimizer, kept)
+    if average is not None:
+        average.start_from(net)
         log.info("resumed %s at iteration %d", checkpoint, state.iteration)
     _record_phase(task, state)
     start = state.iteration
@@ -155,9 +152,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
 
     def shipped() -> nn.Module:
         """What the run exports (and its samples show): the average where one is kept."""
-        if average is None or not int(average.n_averaged):
-            return net
-        return average.module  # type: ignore[return-value]
+        return net if average is None or not average.updates else average.module
 
     with StopRequested() as stop:
         while state.iteration < settings.iterations and not stop.requested:
@@ -177,7 +172,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             scaler.step(optimizer)
             scaler.update()
             if average is not None:
-                average.update_parameters(net)
+                average.update()
             state.iteration += 1
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -191,11 +186,11 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                     | {"img/s": f"{settings.batch_size / step_time:.2f}"}
                 )
             if state.iteration % settings.checkpoint_every == 0:
-                save_checkpoint(checkpoint, net, optimizer, state, elapsed(), average)
+                save_checkpoint(checkpoint, net, optimizer, state, elapsed(), kept)
                 write_run_report(task, shipped(), sample_photos, state.history, run_dir, device)
     bar.close()
     wall = elapsed()
-    save_checkpoint(checkpoint, net, optimizer, state, wall, average)
+    save_checkpoint(checkpoint, net, optimizer, state, wall, kept)
     if stop.requested:
         log.warning(
             "stopped at iteration %d; checkpoint %s; exporting", state.iteration, checkpoint

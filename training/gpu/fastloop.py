@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model_zoo import manifest
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
+from training.averaging import WeightAverage
 from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
@@ -169,13 +170,6 @@ def train_stage(
     stage whose process was killed). ``photos`` / ``vgg_state`` let stages share what the pack
     decoded once.
     """
-    if settings.ema_decay:
-        # Its update reads a counter on the host every step, which a CUDA graph cannot hold;
-        # refused before the lease's seconds are spent rather than silently ignored.
-        raise ValueError(
-            f"{settings.name}: --ema-decay is not supported by the GPU loop (train with "
-            "python -m training for a weight average)"
-        )
     started = time.monotonic()
     deadline = started + options.budget_s
     report = StageReport(settings.name, settings.task)
@@ -218,9 +212,13 @@ def train_stage(
         **extra,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16")
+    average = WeightAverage(net, settings.ema_decay) if settings.ema_decay else None
+    kept = average.model if average is not None else None  # what checkpoints store of it
     if resuming:
-        state = load_checkpoint(checkpoint, net, optimizer)
+        state = load_checkpoint(checkpoint, net, optimizer, kept)
         log.info("%s: resumed at iteration %d", settings.name, state.iteration)
+    if average is not None:
+        average.start_from(net)
     _record_phase(task, state)
     report.start_iteration = report.iteration = state.iteration
     photos = photos if photos is not None else pack.photos(device)
@@ -242,6 +240,8 @@ def train_stage(
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if average is not None:
+            average.update()  # no host read: the graph holds it too
         sums.add_(torch.stack([loss.detach(), *[t.detach().float() for t in terms]]))
 
     def eager_step() -> None:
@@ -279,7 +279,7 @@ def train_stage(
         nonlocal last_checkpoint
         flush()
         measure()
-        save_checkpoint(checkpoint, net, optimizer, state, elapsed())
+        save_checkpoint(checkpoint, net, optimizer, state, elapsed(), kept)
         write_stage(run_dir, report)
         last_checkpoint = time.monotonic()
 
@@ -371,9 +371,10 @@ def train_stage(
     wall = elapsed()
     if not report.steps and state.iteration == 0:
         raise RuntimeError(f"{settings.name}: nothing trained (no checkpoint, no budget)")
-    save_checkpoint(checkpoint, net, optimizer, state, wall)
-    write_run_report(task, net, sample_photos, state.history, run_dir, device)
-    entry = export(task, net, state, compute, wall, photos, interrupted=stop.requested)  # type: ignore[arg-type]
+    save_checkpoint(checkpoint, net, optimizer, state, wall, kept)
+    shipped = net if average is None or not average.updates else average.module
+    write_run_report(task, shipped, sample_photos, state.history, run_dir, device)
+    entry = export(task, shipped, state, compute, wall, photos, interrupted=stop.requested)  # type: ignore[arg-type]
     report.exported, report.sha256 = True, entry.sha256
     report.final_losses = dict(entry.final_losses)
     report.wall_s = time.monotonic() - started
