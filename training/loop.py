@@ -120,9 +120,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
 
     if resuming:
         state = load_checkpoint(checkpoint, net, optimizer, kept)
+        log.info("resumed %s at iteration %d", checkpoint, state.iteration)
     if average is not None:
         average.start_from(net)
-        log.info("resumed %s at iteration %d", checkpoint, state.iteration)
     _record_phase(task, state)
     start = state.iteration
 
