@@ -41,10 +41,7 @@ class TrainSettings:
     """Linear learning-rate warm-up over this many iterations (0: off)."""
     ema_decay: float = 0.0
     """Export an exponential moving average of the weights (and BN statistics) with this decay
-    per step instead of the last step's weights (0: off). At batch 4 on a CPU the last step is
-    noise around where the run has got to: session 21's continuations of ``x4`` measured worse
-    than their start on every benchmark, while the mean of two nets measured better than
-    either on the gate's photos."""
+    per step instead of the last step's weights (0: off; ``training.averaging``)."""
     # Start from a zoo model's weights (same architecture): an SR feature run from the pixel
     # model, or a new style from a trained style net, which already reconstructs content: on
     # the CPU, starry_night from mosaic was usable after ~450 iterations, where runs from
