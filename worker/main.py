@@ -28,8 +28,9 @@ The worker measures its own cost per model (``worker.costs``: once per model bet
 jobs, so it serves as soon as its models are loaded; then from the jobs it computes) and publishes
 it for the API's admission (which assumes a cost until then). A heartbeat thread refreshes the
 worker's key (listing the models still ``measuring``), its claims on the jobs in flight (so a slow
-batch is not mistaken for a dead worker) and the costs. SIGTERM/SIGINT: the batch in flight finishes and is stored, no new jobs are taken, the
-heartbeat key is removed, exit 0. Metrics: ``worker.metrics`` on ``METRICS_PORT``.
+batch is not mistaken for a dead worker) and the costs. SIGTERM/SIGINT: the batch in flight
+finishes and is stored, no new jobs are taken, the heartbeat key is removed, exit 0. Metrics:
+``worker.metrics`` on ``METRICS_PORT``.
 """
 
 from __future__ import annotations
