@@ -385,15 +385,20 @@ class JobQueue:
             self._workers, self._workers_read_at = count, now
         return self._workers
 
-    async def measuring_workers(self) -> int:
-        """Live workers whose heartbeat lists models whose cost they are still measuring: they
-        serve meanwhile (each job waits for at most one probe) and admission assumes a cost."""
-        keys = [k async for k in self.redis.scan_iter(match=self.keys.heartbeat_pattern)]
-        count = 0
-        for raw in await self.redis.mget(keys) if keys else []:
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                count += bool(json.loads(raw).get("measuring"))
-        return count
+    async def readiness(self) -> tuple[int, int]:
+        """(live workers, those of them still measuring their models' costs) in one SCAN: a
+        worker serves while it measures (each job waits for at most one probe) and admission
+        assumes a cost until then. Refreshes the ``live_workers`` count as well."""
+        keys = [
+            k async for k in self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000)
+        ]
+        beats = [raw for raw in (await self.redis.mget(keys) if keys else []) if raw is not None]
+        measuring = 0
+        for raw in beats:
+            with contextlib.suppress(ValueError, AttributeError):
+                measuring += bool(json.loads(raw).get("measuring"))
+        self._workers, self._workers_read_at = len(beats), time.monotonic()
+        return len(beats), measuring
 
 
 def is_final(status: JobStatus | None) -> bool:

@@ -379,8 +379,7 @@ async def readyz(request: Request) -> Response:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_S):
             await queue.ping()
-            workers = await queue.live_workers()
-            measuring = await queue.measuring_workers() if workers else 0
+            workers, measuring = await queue.readiness()
     except (RedisError, OSError, TimeoutError) as exc:
         return error_response(
             503, "not_ready", f"redis unreachable: {exc or type(exc).__name__}", retry,

@@ -62,3 +62,9 @@ class WeightAverage:
         """Move the average towards the net's current weights (after each optimizer step)."""
         torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay)
         self.model.n_averaged.add_(1)
+
+
+def exported(net: nn.Module, average: WeightAverage | None) -> nn.Module:
+    """What a run exports (and its samples show): the average once it has been updated, else
+    the net itself."""
+    return net if average is None or not average.updates else average.module

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model_zoo import manifest, registry
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
-from training.averaging import WeightAverage
+from training.averaging import WeightAverage, exported
 from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
 from training.data import ImageFolderCrops, InfiniteSampler
 from training.report import save_loss_curve
@@ -150,10 +150,6 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     def elapsed() -> float:
         return state.elapsed_s + time.perf_counter() - started
 
-    def shipped() -> nn.Module:
-        """What the run exports (and its samples show): the average where one is kept."""
-        return net if average is None or not average.updates else average.module
-
     with StopRequested() as stop:
         while state.iteration < settings.iterations and not stop.requested:
             step_start = time.perf_counter()
@@ -187,7 +183,8 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 )
             if state.iteration % settings.checkpoint_every == 0:
                 save_checkpoint(checkpoint, net, optimizer, state, elapsed(), kept)
-                write_run_report(task, shipped(), sample_photos, state.history, run_dir, device)
+                shipped = exported(net, average)
+                write_run_report(task, shipped, sample_photos, state.history, run_dir, device)
     bar.close()
     wall = elapsed()
     save_checkpoint(checkpoint, net, optimizer, state, wall, kept)
@@ -195,8 +192,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         log.warning(
             "stopped at iteration %d; checkpoint %s; exporting", state.iteration, checkpoint
         )
-    write_run_report(task, shipped(), sample_photos, state.history, run_dir, device)
-    entry = export(task, shipped(), state, compute, wall, dataset, interrupted=stop.requested)
+    shipped = exported(net, average)
+    write_run_report(task, shipped, sample_photos, state.history, run_dir, device)
+    entry = export(task, shipped, state, compute, wall, dataset, interrupted=stop.requested)
     log.info(
         "wrote %s (%s) to the zoo after %d iterations",
         entry.name,

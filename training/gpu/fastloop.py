@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model_zoo import manifest
 from model_zoo.hardware import Compute, hardware_description, resolve_compute
-from training.averaging import WeightAverage
+from training.averaging import WeightAverage, exported
 from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
@@ -372,7 +372,7 @@ def train_stage(
     if not report.steps and state.iteration == 0:
         raise RuntimeError(f"{settings.name}: nothing trained (no checkpoint, no budget)")
     save_checkpoint(checkpoint, net, optimizer, state, wall, kept)
-    shipped = net if average is None or not average.updates else average.module
+    shipped = exported(net, average)
     write_run_report(task, shipped, sample_photos, state.history, run_dir, device)
     entry = export(task, shipped, state, compute, wall, photos, interrupted=stop.requested)  # type: ignore[arg-type]
     report.exported, report.sha256 = True, entry.sha256
