@@ -19,7 +19,7 @@ from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes
 from bench.load import run_load
 from bench.loadgen import Bounds, LevelResult, Workload
-from bench.report import machine_info, markdown_table, plot_bars, write_json, write_markdown
+from bench.report import markdown_table, plot_bars, write_report
 from bench.stats import ratio
 
 
@@ -209,12 +209,9 @@ def batching_markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = run_batching(args)
-    meta = machine_info()
     out = Path(args.out)
-    write_json(out / f"{args.name}.json", {"benchmark": "batching", "meta": meta, **result})
-    write_markdown(
-        out / f"{args.name}.md", "Dynamic batching vs max_batch=1", batching_markdown(result), meta
-    )
+    title = "Dynamic batching vs max_batch=1"
+    write_report(out, args.name, "batching", title, result, batching_markdown(result))
     comps = result["comparisons"]
     if comps:
         labels = [f"{c['workload']} c={c['concurrency']}" for c in comps]
@@ -228,6 +225,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             title="throughput: max_batch=1 vs dynamic batching",
             ylabel="images / s",
         )
-    print(batching_markdown(result))
     print(f"[batching] wrote {out / args.name}.json / .md / .png")
     return result

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import machine_info, markdown_table, write_json, write_markdown
+from bench.report import markdown_table, write_report
 
 MAX_WORKERS = 10_000
 
@@ -150,11 +150,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     plans = [workers_needed(r, seconds, args.p99_target, args.utilisation) for r in rates]
-    meta = machine_info()
-    out = Path(args.out)
-    payload = {"benchmark": "capacity", "meta": meta, "plans": [asdict(p) for p in plans]}
-    write_json(out / f"{args.name}.json", payload)
-    text = capacity_markdown(plans)
-    write_markdown(out / f"{args.name}.md", "Capacity model", text, meta)
-    print(text)
-    return payload
+    result = {"plans": [asdict(p) for p in plans]}
+    table = capacity_markdown(plans)
+    write_report(Path(args.out), args.name, "capacity", "Capacity model", result, table)
+    return result

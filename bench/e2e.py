@@ -20,7 +20,7 @@ from bench.cli import add_redis_config_argument
 from bench.images import synthetic_array
 from bench.load import run_load
 from bench.loadgen import Bounds, Workload
-from bench.report import machine_info, markdown_table, write_json, write_markdown
+from bench.report import markdown_table, write_report
 from bench.stats import ratio
 
 TARGET = 1.15
@@ -146,11 +146,6 @@ def e2e_markdown(r: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = run_e2e(args)
-    meta = machine_info()
-    out = Path(args.out)
-    write_json(out / f"{args.name}.json", {"benchmark": "e2e", "meta": meta, **result})
-    write_markdown(
-        out / f"{args.name}.md", "End-to-end latency vs bare work", e2e_markdown(result), meta
-    )
-    print(e2e_markdown(result))
+    title = "End-to-end latency vs bare work"
+    write_report(Path(args.out), args.name, "e2e", title, result, e2e_markdown(result))
     return result

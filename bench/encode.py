@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import synthetic_array
-from bench.report import machine_info, markdown_table, plot_bars, write_json, write_markdown
+from bench.report import markdown_table, plot_bars, write_report
 from bench.stats import ratio
 
 
@@ -195,10 +195,8 @@ def encode_markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = run_encode(args)
-    meta = machine_info()
     out = Path(args.out)
-    write_json(out / f"{args.name}.json", {"benchmark": "encode", "meta": meta, **result})
-    write_markdown(out / f"{args.name}.md", "Encode cost", encode_markdown(result), meta)
+    write_report(out, args.name, "encode", "Encode cost", result, encode_markdown(result))
     png_rows = [r for r in result["rows"] if r["format"] == "png"]
     sizes = sorted({r["out_px"] for r in png_rows})
     levels = sorted({r["png_level"] for r in png_rows})

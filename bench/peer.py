@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import write_result
+from bench.report import write_report
 
 DEFAULT_SIZES = (256, 512, 1024)
 
@@ -170,4 +170,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     result = run(args)
-    write_result(Path(args.out), "peer", result, markdown(result))
+    write_report(Path(args.out), "peer", "peer", "Ours vs the peer", result, markdown(result))

@@ -39,12 +39,17 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
-def write_result(out: Path, name: str, result: dict[str, Any], table: str) -> None:
-    """``name.json`` (the whole result) and ``name.md`` (its table) into ``out``; prints the
-    table: what every single-table benchmark leaves behind."""
-    write_json(out / f"{name}.json", result)
-    (out / f"{name}.md").write_text(table)
+def write_report(
+    out: Path, name: str, benchmark: str, title: str, result: dict[str, Any], table: str
+) -> dict[str, Any]:
+    """What every single-table benchmark leaves behind: ``name.json`` (the whole result, tagged
+    with the benchmark and the machine), ``name.md`` (its table under a title and the machine
+    line) and the table on stdout. Returns the machine facts for a caller that adds plots."""
+    meta = machine_info()
+    write_json(out / f"{name}.json", {"benchmark": benchmark, "meta": meta, **result})
+    write_markdown(out / f"{name}.md", title, table, meta)
     print(table)
+    return meta
 
 
 def fmt(value: Any, digits: int = 1) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import synthetic_array
-from bench.report import machine_info, markdown_table, write_json, write_markdown
+from bench.report import markdown_table, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,9 +135,6 @@ def startup_markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = run_startup_bench(args)
-    meta = machine_info()
-    out = Path(args.out)
-    write_json(out / f"{args.name}.json", {"benchmark": "startup", "meta": meta, **result})
-    write_markdown(out / f"{args.name}.md", "Worker start-up", startup_markdown(result), meta)
-    print(startup_markdown(result))
+    title = "Worker start-up"
+    write_report(Path(args.out), args.name, "startup", title, result, startup_markdown(result))
     return result

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import machine_info, markdown_table, write_result
+from bench.report import markdown_table, write_report
 
 DEFAULT_SIDES = (1536, 2048)
 
@@ -80,7 +80,6 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(rows[-1]), flush=True)
     threads = torch.get_num_threads()
     return {
-        "machine": machine_info(),
         "threads": threads,
         "tile_size": args.tile_size,
         "rows": rows,
@@ -116,4 +115,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> None:
     result = run(args)
-    write_result(Path(args.out), "tiles", result, markdown(result))
+    write_report(Path(args.out), "tiles", "tiles", "Whole vs tiled", result, markdown(result))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from bench.cli import add_redis_config_argument
 from bench.images import parse_sizes, synthetic_array
 from bench.loadgen import LevelResult, Sample
-from bench.report import machine_info, markdown_table, write_json, write_markdown
+from bench.report import markdown_table, write_report
 from bench.stats import ratio
 
 if TYPE_CHECKING:
@@ -246,11 +246,6 @@ def worker_markdown(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = run_worker_bench(args)
-    meta = machine_info()
-    out = Path(args.out)
-    write_json(out / f"{args.name}.json", {"benchmark": "worker", "meta": meta, **result})
-    write_markdown(
-        out / f"{args.name}.md", "Worker throughput (no HTTP)", worker_markdown(result), meta
-    )
-    print(worker_markdown(result))
+    title = "Worker throughput (no HTTP)"
+    write_report(Path(args.out), args.name, "worker", title, result, worker_markdown(result))
     return result
