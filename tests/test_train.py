@@ -189,6 +189,40 @@ def test_a_weight_average_is_exported_and_continued_on_resume(
         assert int(f.get_tensor("ema.n_averaged")) == 5
 
 
+def test_export_only_writes_the_checkpoint_into_a_zoo_and_leaves_the_run_alone(
+    photo_dir: Path, tmp_path: Path
+) -> None:
+    """How a run that is still training gets gated: its checkpoint into a zoo of its own,
+    exactly (last step's weights, or the average where asked), the run folder untouched."""
+    zoo, runs = tmp_path / "zoo", tmp_path / "runs"
+    common = ["sr", "--name", "x4", "--data", str(photo_dir), "--image-size", "32",
+              "--batch-size", "1", "--loss", "pixel", "--run-dir", str(runs), "--quiet",
+              "--lr", "1e-2"]  # fmt: skip
+    run([*common, "--zoo", str(zoo), "--iterations", "3", "--ema-decay", "0.5"])
+    folder = runs / "x4"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    # The command line of a later leg (another lr, more iterations) changes nothing exported.
+    raw_zoo, average_zoo = tmp_path / "raw", tmp_path / "average"
+    later = ["--iterations", "50", "--lr", "5e-4", "--export-only"]
+    run([*common, "--zoo", str(raw_zoo), *later])
+    run([*common, "--zoo", str(average_zoo), *later, "--ema-decay", "0.5"])
+
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    for exported_zoo, prefix in ((raw_zoo, "model."), (average_zoo, "ema.module.")):
+        net, entry = load_model("x4", root=exported_zoo)
+        for name, value in net.state_dict().items():
+            if value.is_floating_point():
+                assert torch.equal(value, tensors[prefix + name].float()), (prefix, name)
+        assert entry.iterations == 3 and entry.training["interrupted"] is True
+        assert [p["lr"] for p in entry.training["phases"]] == [1e-2]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main([*common, "--name", "x8_none", "--factor", "8", "--zoo", str(raw_zoo),
+                    "--export-only"])  # fmt: skip
+
+
 def test_ctrl_c_leaves_checkpoint_and_usable_model(photo_dir: Path, tmp_path: Path) -> None:
     zoo, runs = tmp_path / "zoo", tmp_path / "runs"
     proc = subprocess.Popen(

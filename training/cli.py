@@ -19,7 +19,7 @@ from training.settings import TrainSettings
 from training.tasks import TASKS
 
 # Parsed options that steer the run without being part of what is trained.
-_EXTRA = ("resume", "workers", "quiet")
+_EXTRA = ("resume", "export_only", "workers", "quiet")
 
 
 def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None:
@@ -45,6 +45,13 @@ def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None
     )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write the run's checkpoint into --zoo and stop, training nothing and touching "
+        "nothing in the run folder (safe beside the run that is still training it); with "
+        "--ema-decay the average is exported where the checkpoint has one",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--init-from", default=None, help="start from this zoo model's weights")
     parser.add_argument(

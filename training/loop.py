@@ -121,6 +121,8 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     if resuming:
         state = load_checkpoint(checkpoint, net, optimizer, kept)
         log.info("resumed %s at iteration %d", checkpoint, state.iteration)
+    if settings.export_only:
+        return export_checkpoint(task, net, average, state, compute, checkpoint)
     if average is not None:
         average.start_from(net)
     _record_phase(task, state)
@@ -201,6 +203,29 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         entry.sha256[:12],
         state.iteration,
     )
+    return entry
+
+
+def export_checkpoint(
+    task: TrainingTask,
+    net: nn.Module,
+    average: WeightAverage | None,
+    state: RunState,
+    compute: Compute,
+    checkpoint: Path,
+) -> registry.ModelEntry:
+    """``--export-only``: the loaded checkpoint into the zoo as it stands, so a run can be
+    gated and evaluated while it trains on. Nothing in the run folder is written (a second
+    writer could put an older checkpoint back under the live run), and no phase is recorded
+    for this command's settings: the entry describes the steps the checkpoint holds."""
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--export-only: no checkpoint at {checkpoint}")
+    settings = task.settings
+    dataset = ImageFolderCrops(settings.data, settings.image_size, seed=settings.seed)
+    entry = export(
+        task, exported(net, average), state, compute, state.elapsed_s, dataset, interrupted=True
+    )
+    log.info("exported %s at iteration %d to %s", entry.name, state.iteration, settings.zoo)
     return entry
 
 

@@ -55,4 +55,8 @@ class TrainSettings:
 
     @property
     def resume(self) -> bool:
-        return bool(self.extra.get("resume"))
+        return bool(self.extra.get("resume")) or self.export_only
+
+    @property
+    def export_only(self) -> bool:
+        return bool(self.extra.get("export_only"))
