@@ -15,7 +15,7 @@ DOCUMENTS = [
     ROOT / "bench" / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
-LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # images too: their files must exist
 FENCE = re.compile(r"^\s*```")
 
 
