@@ -98,6 +98,8 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
     compute = resolve_compute(settings.device, settings.precision, cuda_precision="bf16")
     device = compute.device
     net, state, checkpoint, resuming = start_run(task, device)
+    if settings.export_only and not resuming:  # before the loss network is read
+        raise FileNotFoundError(f"--export-only: no checkpoint at {checkpoint}")
     run_dir = checkpoint.parent
     # The fixed loss network is stored in the autocast dtype once instead of being cast at
     # every call (15% of a CPU step).
@@ -122,7 +124,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
         state = load_checkpoint(checkpoint, net, optimizer, kept)
         log.info("resumed %s at iteration %d", checkpoint, state.iteration)
     if settings.export_only:
-        return export_checkpoint(task, net, average, state, compute, checkpoint)
+        return export_checkpoint(task, net, average, state, compute)
     if average is not None:
         average.start_from(net)
     _record_phase(task, state)
@@ -212,14 +214,11 @@ def export_checkpoint(
     average: WeightAverage | None,
     state: RunState,
     compute: Compute,
-    checkpoint: Path,
 ) -> registry.ModelEntry:
     """``--export-only``: the loaded checkpoint into the zoo as it stands, so a run can be
     gated and evaluated while it trains on. Nothing in the run folder is written (a second
     writer could put an older checkpoint back under the live run), and no phase is recorded
     for this command's settings: the entry describes the steps the checkpoint holds."""
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"--export-only: no checkpoint at {checkpoint}")
     settings = task.settings
     dataset = ImageFolderCrops(settings.data, settings.image_size, seed=settings.seed)
     entry = export(
