@@ -172,10 +172,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         import tempfile
 
         from bench.stack import Stack, make_bench_zoo
+        from model_zoo.manifest import read_manifest
 
         tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
-        model = args.style if args.endpoint == "stylize" else f"x{args.factor}"
         zoo, note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
+        model = (  # what the API will queue, so the worker preloads it
+            args.style
+            if args.endpoint == "stylize"
+            else read_manifest(zoo).default_upscaler(args.factor)
+        )
         worker_env = {"WORKER_MODELS": model, **dict(kv.split("=", 1) for kv in args.worker_env)}
         api_env = {
             "REQUEST_TIMEOUT_S": str(args.timeout),

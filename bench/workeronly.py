@@ -158,6 +158,7 @@ async def drive(
 
 def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     from bench.stack import Stack, make_bench_zoo, served_style
+    from model_zoo.manifest import read_manifest
 
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batches = [int(b) for b in args.max_batch.split(",") if b.strip()]
@@ -171,11 +172,12 @@ def run_worker_bench(args: argparse.Namespace) -> dict[str, Any]:
     warmup = args.warmup
     sizes = parse_sizes(args.sizes)
     images = [synthetic_array(w, h, seed=20 + i) for i, (w, h) in enumerate(sizes)]
-    model = args.style if args.op == "stylize" else f"x{args.factor}"
-    label = f"{args.op} {model} " + ",".join(f"{w}x{h}" for w, h in sizes)
     extra = dict(kv.split("=", 1) for kv in args.worker_env)
     tmp = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     zoo, zoo_note = make_bench_zoo(tmp / "zoo", style=args.style, tiny=args.tiny, source=args.zoo)
+    # what the API would queue for /upscale?factor=F
+    model = args.style if args.op == "stylize" else read_manifest(zoo).default_upscaler(args.factor)
+    label = f"{args.op} {model} " + ",".join(f"{w}x{h}" for w, h in sizes)
     job_model, controls = model, None
     if args.op == "stylize":  # what the API would queue for style=NAME
         job_model, controls = served_style(zoo, args.style)

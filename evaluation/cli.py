@@ -36,7 +36,13 @@ from evaluation.common import (
 )
 from evaluation.droplets import droplets_markdown, evaluate_droplets, store_droplet_metrics
 from evaluation.gate import DEFAULT_GATE_PHOTOS, GateSettings, check_replacement
-from evaluation.sr import evaluate_sr, sr_markdown, store_sr_metrics, summarise_sr
+from evaluation.sr import (
+    evaluate_sr,
+    sr_markdown,
+    store_default_upscalers,
+    store_sr_metrics,
+    summarise_sr,
+)
 from evaluation.style import (
     DEFAULT_CHECKPOINTS,
     DEFAULT_STYLE_PHOTOS,
@@ -235,6 +241,9 @@ def run(args: argparse.Namespace) -> int:
             key = "sr" if args.degradation == "train" else "sr_bicubic_lr"
             protocol |= {"limit": args.limit} if args.limit else {}
             _report_kept(store_sr_metrics(summary, args.models, args.zoo, protocol, key))
+            if key == "sr":
+                for reason in store_default_upscalers(args.zoo):
+                    print(f"default upscaler {reason}", file=sys.stderr)
         write_outputs(sr_markdown(summary), args.out, [asdict(r) for r in rows], args.json)
         return 0
 

@@ -33,7 +33,7 @@ from evaluation.metrics import bicubic_upscale, modcrop, sr_scores, without_grid
 from model_zoo import registry
 from model_zoo.hardware import auto_precision, autocast
 from model_zoo.imaging import load_rgb, to_image, to_tensor
-from model_zoo.manifest import ModelEntry
+from model_zoo.manifest import Manifest, ModelEntry, read_manifest, write_manifest
 from model_zoo.reference import run_model
 from training.data import degrade, find_images
 
@@ -258,3 +258,69 @@ def store_sr_metrics(
         kept += kept_here
         registry.update_metrics(name, {key: {"protocol": protocol, "sets": sets}}, root)
     return kept
+
+
+def _comparable_lpips(entry: ModelEntry) -> dict[str, tuple[float, tuple[Any, ...]]]:
+    """Each set's stored LPIPS with what decides whether two models' numbers compare: the
+    LPIPS precision, the LR degradation and the number of images (a set measured by the
+    latest run carries no protocol of its own: the top-level one is its)."""
+    stored = entry.metrics.get("sr", {})
+    latest = stored.get("protocol", {})
+    out = {}
+    for name, result in stored.get("sets", {}).items():
+        if result.get("lpips") is None:
+            continue
+        protocol = result.get("protocol") or latest
+        key = (protocol.get("lpips"), protocol.get("lr"), result.get("images"))
+        out[name] = (float(result["lpips"]), key)
+    return out
+
+
+def choose_default_upscalers(manifest: Manifest) -> tuple[dict[int, str], list[str]]:
+    """The model each factor should serve by default, and one line per factor saying why.
+
+    The lowest mean LPIPS over the benchmark sets that every model of that factor was measured
+    on under the same protocol: LPIPS because the service is for people looking at pictures,
+    and the paper's point is that PSNR misjudges them. A factor with one model serves it; a
+    factor where some model has no comparable measurement keeps its current default (new
+    weights start unmeasured, and an unmeasured net must not win or lose by default)."""
+    defaults = dict(manifest.default_upscalers)
+    reasons = []
+    by_factor: dict[int, list[ModelEntry]] = {}
+    for entry in manifest.models:
+        if entry.kind == "sr":
+            by_factor.setdefault(sr_factor(entry), []).append(entry)
+    for factor, entries in sorted(by_factor.items()):
+        current = manifest.default_upscaler(factor)
+        if len(entries) == 1:
+            defaults[factor] = entries[0].name
+            reasons.append(f"x{factor}: {entries[0].name} (the only x{factor} model)")
+            continue
+        scores = {e.name: _comparable_lpips(e) for e in entries}
+        common = set.intersection(*(set(s) for s in scores.values()))
+        common = {name for name in common if len({scores[m][name][1] for m in scores}) == 1}
+        if not common:
+            unmeasured = sorted(m for m, s in scores.items() if not s) or sorted(scores)
+            reasons.append(
+                f"x{factor}: kept {current} (no set measured alike for {', '.join(unmeasured)})"
+            )
+            continue
+        means = {m: statistics.fmean(s[name][0] for name in common) for m, s in scores.items()}
+        best = min(sorted(means), key=means.__getitem__)
+        defaults[factor] = best
+        ranking = ", ".join(f"{m} {means[m]:.4f}" for m in sorted(means, key=means.__getitem__))
+        reasons.append(
+            f"x{factor}: {best} (mean LPIPS over {', '.join(sorted(common))}: {ranking})"
+        )
+    return defaults, reasons
+
+
+def store_default_upscalers(root: str | None) -> list[str]:
+    """Re-choose each factor's default from the stored measurements and write it into the
+    manifest; returns the reasons, for the operator."""
+    manifest = read_manifest(root)
+    defaults, reasons = choose_default_upscalers(manifest)
+    if defaults != manifest.default_upscalers:
+        manifest.default_upscalers = defaults
+        write_manifest(manifest, root)
+    return reasons

@@ -261,6 +261,8 @@ class ModelInfo:
     loss: str | None
     description: str
     raw: dict[str, Any]
+    default: bool = False
+    """An upscaler the service uses for its factor when a request names no model."""
 
     @classmethod
     def from_json(cls, entry: dict[str, Any]) -> ModelInfo:
@@ -272,6 +274,7 @@ class ModelInfo:
             loss=entry.get("loss"),
             description=str(entry.get("description") or ""),
             raw=entry,
+            default=bool(entry.get("default", False)),
         )
 
 
@@ -288,6 +291,12 @@ class Catalog:
 
     def upscaler_names(self, factor: int | None = None) -> list[str]:
         return [m.name for m in self.upscalers if factor is None or m.factor == factor]
+
+    def default_upscaler(self, factor: int) -> str:
+        """What the service upscales by ``factor`` with when no model is named (a service
+        older than the ``default`` flag serves ``x{factor}``)."""
+        flagged = [m.name for m in self.upscalers if m.factor == factor and m.default]
+        return flagged[0] if flagged else f"x{factor}"
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Catalog:

@@ -196,7 +196,7 @@ def check_names(args: argparse.Namespace, catalog: Catalog) -> None:
                 f"unknown style {', '.join(unknown)}; available: {', '.join(catalog.style_names)}"
             )
     else:
-        model = args.model or f"x{args.factor}"
+        model = args.model or catalog.default_upscaler(args.factor)
         names = catalog.upscaler_names(args.factor)
         if model not in names:
             raise UsageError(
@@ -204,8 +204,9 @@ def check_names(args: argparse.Namespace, catalog: Catalog) -> None:
             )
 
 
-def submitter(args: argparse.Namespace) -> tuple[Submit, str]:
-    """The submit call for this command, and the tag its outputs are named with."""
+def submitter(args: argparse.Namespace, catalog: Catalog) -> tuple[Submit, str]:
+    """The submit call for this command, and the tag its outputs are named with (the model
+    that made them: an upscale without ``--model`` is named after the service's default)."""
     if args.command == "stylize":
 
         async def submit_style(client: AsyncClient, data: bytes, name: str) -> Job:
@@ -222,12 +223,13 @@ def submitter(args: argparse.Namespace) -> tuple[Submit, str]:
             data, args.factor, model=args.model, output_format=args.format, filename=name
         )
 
-    return submit_upscale, args.model or f"x{args.factor}"
+    return submit_upscale, args.model or catalog.default_upscaler(args.factor)
 
 
 async def run_batch(args: argparse.Namespace, client: AsyncClient) -> int:
-    check_names(args, await client.styles())
-    submit, tag = submitter(args)
+    catalog = await client.styles()
+    check_names(args, catalog)
+    submit, tag = submitter(args, catalog)
     tasks = plan(args.inputs, tag, EXTENSIONS[args.format or "png"], args.out, args.recursive)
     todo = [t for t in tasks if args.overwrite or not t.target.exists()]
     skipped = len(tasks) - len(todo)
@@ -278,7 +280,8 @@ async def run_styles(args: argparse.Namespace, client: AsyncClient) -> int:
     print("upscalers:")
     for model in catalog.upscalers:
         loss = f"{model.loss} loss" if model.loss else ""
-        print(f"  {model.name:<20} x{model.factor}  {loss}".rstrip())
+        default = f" (default for x{model.factor})" if model.default else ""
+        print(f"  {model.name:<20} x{model.factor}  {loss}{default}".rstrip())
     return 0
 
 

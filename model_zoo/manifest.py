@@ -138,6 +138,24 @@ class Manifest(BaseModel):
 
     version: int = 1
     models: list[ModelEntry] = Field(default_factory=list)
+    default_upscalers: dict[int, str] = Field(default_factory=dict)
+    """The model ``/upscale?factor=F`` serves when the request names none, by factor; a factor
+    not listed serves ``xF``. Written by ``python -m evaluation sr`` from what it measured
+    (``evaluation.sr.choose_default_upscalers``): the name ``x8`` says how a net was trained
+    (feature loss), not that it is the better x8, and a user who asks for x8 wants the better
+    one."""
+
+    @model_validator(mode="after")
+    def _default_upscalers_exist(self) -> Manifest:
+        for factor, name in self.default_upscalers.items():
+            entry = next((m for m in self.models if m.name == name), None)
+            if entry is None or entry.kind != "sr" or entry.factor != factor:
+                raise ValueError(f"default x{factor} upscaler {name!r} is not an x{factor} model")
+        return self
+
+    def default_upscaler(self, factor: int) -> str:
+        """The model name ``/upscale?factor=F`` serves when none is named."""
+        return self.default_upscalers.get(factor, f"x{factor}")
 
     @model_validator(mode="after")
     def _style_names_are_unique(self) -> Manifest:
@@ -182,6 +200,11 @@ class Manifest(BaseModel):
     def upsert(self, entry: ModelEntry) -> None:
         self.models = [m for m in self.models if m.name != entry.name] + [entry]
         self.models.sort(key=lambda m: (m.kind, m.name))
+        self.default_upscalers = {
+            factor: name
+            for factor, name in self.default_upscalers.items()
+            if name != entry.name or (entry.kind == "sr" and entry.factor == factor)
+        }
 
 
 # What a lineage record keeps of each earlier run: enough to tell how the weights came to be.

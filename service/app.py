@@ -255,7 +255,11 @@ async def upscale(
     ],
     model: Annotated[
         str | None,
-        Query(min_length=1, max_length=64, description="SR model (default `x{factor}`)."),
+        Query(
+            min_length=1,
+            max_length=64,
+            description="SR model; default: the factor's measured best (`default` in GET /styles).",
+        ),
     ] = None,
     mode: ModeQuery = "sync",
     output_format: FormatQuery = "png",
@@ -324,7 +328,10 @@ async def get_job(request: Request, caller: CallerDep, job_id: JobIdPath) -> Res
             request.state.imgsvc_job = {"job_id": job_id, "model": status.model, "op": status.op}
             if await queue.first_report(job_id):
                 _count_async_answer(request, status, result)
-        return _result_response(result, job_id, retry_after=_settings(request).retry_after_s)
+        response = _result_response(result, job_id, retry_after=_settings(request).retry_after_s)
+        if status is not None and status.model:
+            response.headers["X-Model"] = status.model
+        return response
     if status is None:
         raise ApiError(404, "unknown_job", f"no job {job_id} (never submitted, or expired)")
     if status.state == "cancelled":
@@ -546,7 +553,9 @@ async def _submit(
     job.pixels = b""
     metrics_.queue_depth.set(enqueued.depth)
     metrics_.estimated_cost.labels(op, model).observe(estimate[0])
-    extra_headers = {"X-Job-Id": job.job_id}
+    # X-Model: the zoo model that made the image (a request without ?model= gets the
+    # factor's default, which a re-evaluation may change; /styles has its metrics)
+    extra_headers = {"X-Job-Id": job.job_id, "X-Model": model}
     if animated:
         extra_headers["X-Input-Frames"] = "first"
     if mode == "async":

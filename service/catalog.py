@@ -78,8 +78,9 @@ class ModelCatalog:
         return next((m.kind for m in self.manifest().models if m.name == name), None)
 
     def upscaler(self, factor: int, name: str | None = None) -> ModelEntry:
-        """The SR model for ``factor``: ``name`` if given, else the default ``x{factor}``."""
-        entry = self._get(name or f"x{factor}", "sr")
+        """The SR model for ``factor``: ``name`` if given, else the zoo's default for it
+        (``Manifest.default_upscaler``: the measured best, else ``x{factor}``)."""
+        entry = self._get(name or self.manifest().default_upscaler(factor), "sr")
         if entry.factor != factor:
             raise ModelMismatchError(
                 f"model {entry.name!r} upscales by {entry.factor}, not by {factor}"
@@ -98,7 +99,8 @@ class ModelCatalog:
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
         """Public view of the zoo for ``GET /styles``: every style a request may name (with the
-        model and slot behind it), every upscaler, and the style models themselves.
+        model and slot behind it), every upscaler (``default``: the one ``/upscale`` serves
+        for its factor when no model is named), and the style models themselves.
 
         Built from an allow-list (``public_entry``): the manifest also records where the
         training photos and style images lie on the trainer's disk and the hardware it ran
@@ -125,7 +127,11 @@ class ModelCatalog:
             )
         return {
             "styles": styles,
-            "upscalers": [public_entry(m) for m in manifest.models if m.kind == "sr"],
+            "upscalers": [
+                public_entry(m) | {"default": m.name == manifest.default_upscaler(m.factor or 0)}
+                for m in manifest.models
+                if m.kind == "sr"
+            ],
             "models": [public_entry(m) for m in manifest.models if m.kind == "style"],
         }
 

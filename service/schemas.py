@@ -169,6 +169,10 @@ _IMAGE_200 = {
             "description": "Jobs that shared the forward pass.",
             "schema": {"type": "integer"},
         },
+        "X-Model": {
+            "description": "The zoo model that made the image (see `GET /styles`).",
+            "schema": {"type": "string"},
+        },
         "X-Input-Frames": {
             "description": "`first` when an animated input was served from its first frame.",
             "schema": {"type": "string"},

@@ -262,6 +262,7 @@ def test_upscale_matches_the_reference(stack: Stack, client: httpx.Client, facto
     out = decode(resp)
     assert out.shape == (10 * factor, 12 * factor, 3)
     assert_close(out, reference(stack.zoo, f"x{factor}", source))
+    assert resp.headers["x-model"] == f"x{factor}"  # the tiny zoo names no defaults
 
 
 def test_alpha_is_reattached_after_stylizing(stack: Stack, client: httpx.Client) -> None:

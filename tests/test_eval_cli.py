@@ -106,6 +106,12 @@ def test_sr_eval_writes_table_json_and_manifest_metrics(
     assert sr["protocol"]["y"] == "BT.601"
     assert "SetB" in manifest.get("x8").metrics["sr"]["sets"]
     assert "sr" not in manifest.get("tiny_style").metrics
+    # Each factor's default is the lower mean LPIPS of what was just stored.
+    mean = {
+        name: np.mean([s["lpips"] for s in manifest.get(name).metrics["sr"]["sets"].values()])
+        for name in ("x4", "x4_pixel")
+    }
+    assert manifest.default_upscalers == {4: min(mean, key=mean.__getitem__), 8: "x8"}
 
     table = out.read_text()
     assert "### x4" in table and "### x8" in table

@@ -42,6 +42,7 @@ from selenium.webdriver.remote.webelement import WebElement
 
 from evaluation.common import load_styles
 from model_zoo.imaging import tensor_to_uint8, uint8_to_tensor
+from model_zoo.manifest import read_manifest
 from model_zoo.reference import run_model
 from service.launch import free_port, start_api, wait_http
 
@@ -301,6 +302,18 @@ def test_page_loads_everything_from_the_service(page: WebDriver, web: str) -> No
         o.get_attribute("value") for o in page.find_elements(By.CSS_SELECTOR, "#sr-model option")
     ]
     assert models == ["x4", "x4_pixel"]  # the x4 models of the zoo, the default first
+    # x8: the zoo's measured default is chosen (and marked), whatever its name
+    page.find_element(By.CSS_SELECTOR, 'input[name="op"][value="upscale"]').find_element(
+        By.XPATH, ".."
+    ).click()
+    page.find_element(By.CSS_SELECTOR, 'input[name="factor"][value="8"]').find_element(
+        By.XPATH, ".."
+    ).click()
+    chosen = page.find_element(By.CSS_SELECTOR, "#sr-model option:checked")
+    assert chosen.get_attribute("value") == read_manifest().default_upscaler(8)
+    assert chosen.text.endswith("(default)")
+    labels = [o.text for o in page.find_elements(By.CSS_SELECTOR, "#sr-model option")]
+    assert sum(label.endswith("(default)") for label in labels) == 1, labels
 
 
 def test_stylise_a_photo_end_to_end(page: WebDriver) -> None:

@@ -49,7 +49,9 @@ def list_zoo(zoo: str | None) -> str:
     lines.append("upscalers:")
     for entry in manifest.models:
         if entry.kind == "sr":
-            lines.append(f"  {entry.name:20s} x{entry.factor} ({entry.loss} loss)")
+            default = entry.name == manifest.default_upscaler(entry.factor or 0)
+            mark = f", default for x{entry.factor}" if default else ""
+            lines.append(f"  {entry.name:20s} x{entry.factor} ({entry.loss} loss{mark})")
     return "\n".join(lines)
 
 
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mix", help="a mix of styles of one net, e.g. mosaic:0.7,candy:0.3")
     what.add_argument("--upscale", type=int, choices=[4, 8], help="super-resolution factor")
     what.add_argument("--model", help="any zoo model by name (a single-style net or an upscaler)")
-    parser.add_argument("--sr-model", help="with --upscale: this SR model instead of xF")
+    parser.add_argument(
+        "--sr-model", help="with --upscale: this SR model instead of the zoo's default for F"
+    )
     parser.add_argument("--strength", type=float, default=1.0, help="style strength, 0..1")
     parser.add_argument("--keep-colors", action="store_true", help="keep the photo's colours")
     parser.add_argument("--max-side", type=int, default=None, help="shrink inputs to this side")
@@ -124,7 +128,7 @@ def _plan(args: argparse.Namespace) -> tuple[str, StyleControls, str]:
         raise ApplyError("--max-side must be at least 16")
     manifest = read_manifest(args.zoo)
     if args.upscale:
-        name = args.sr_model or f"x{args.upscale}"
+        name = args.sr_model or manifest.default_upscaler(args.upscale)
         entry = next((m for m in manifest.models if m.name == name and m.kind == "sr"), None)
         if entry is None or entry.factor != args.upscale:
             raise ApplyError(f"no x{args.upscale} upscaler named {name!r} (see --list)")

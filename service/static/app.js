@@ -402,15 +402,20 @@ function renderUpscalers() {
   renderModelChoices();
 }
 
+/** The model the service uses for `factor` when the request names none (GET /styles marks it). */
+function defaultUpscaler(factor) {
+  return state.catalog.upscalers.find((m) => m.factor === factor && m.default)?.name;
+}
+
 function renderModelChoices() {
   const factor = selectedFactor();
   const models = state.catalog.upscalers.filter((m) => m.factor === factor);
-  const preferred = models.some((m) => m.name === `x${factor}`) ? `x${factor}` : models[0]?.name;
+  const preferred = defaultUpscaler(factor) ?? models[0]?.name;
   const losses = { pixel: "pixel loss, highest PSNR", feat: "feature loss, sharper detail" };
   $("sr-model").replaceChildren(
     ...models.map((m) => {
       const kind = losses[m.loss] ? ` – ${losses[m.loss]}` : "";
-      const suffix = m.name === `x${factor}` ? " (default)" : "";
+      const suffix = m.default ? " (default)" : "";
       return new Option(`${m.name}${kind}${suffix}`, m.name, false, m.name === preferred);
     }),
   );
@@ -493,8 +498,8 @@ function buildRequest() {
     const factor = selectedFactor();
     const model = $("sr-model").value;
     query.set("factor", String(factor));
-    if (model && model !== `x${factor}`) query.set("model", model);
-    return { path: "/upscale", query, tag: model || `x${factor}` };
+    if (model && model !== defaultUpscaler(factor)) query.set("model", model);
+    return { path: "/upscale", query, tag: model || defaultUpscaler(factor) || `x${factor}` };
   }
   const style = selectedStyle();
   if (!style) throw new UserError("Choose a style first.");
