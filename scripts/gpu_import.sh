@@ -18,7 +18,9 @@
 #      "teachers", the wide net the shipped student is distilled from) is unpacked, not merged
 #      (the distilled intermediate never comes back: the shipped student is its fine-tune);
 #   2. python -m evaluation sr on the imported SR models (into the manifest's metrics and
-#      DOCS/eval_sr_gpu.md; --quick: one image of Set5);
+#      DOCS/eval_sr_gpu.md; --quick: one image of Set5), LPIPS in fp32 as the stored numbers
+#      of the others are, so that each factor's default upscaler is re-chosen from numbers
+#      that compare (evaluation.sr.choose_default_upscalers);
 #   3. python -m evaluation droplets on the imported styles that are public (private slots are
 #      no styles of the zoo yet), into the metrics and DOCS/eval_droplets_gpu.md; --held-out
 #      DIR: the photos (default: evaluation's held-out BSD100); --quick: one photo at 64 px.
@@ -80,7 +82,7 @@ if [ "${#SR[@]}" -gt 0 ]; then
     LIMIT=()
     [ "$QUICK" = 1 ] && LIMIT=(--sets Set5 --limit 1)
     "$PY" -m evaluation sr --models "${SR[@]}" --zoo "$ZOO" --data "$SR_DATA" \
-        --out "$DOCS/eval_sr_gpu.md" "${LIMIT[@]}"
+        --lpips-precision fp32 --out "$DOCS/eval_sr_gpu.md" "${LIMIT[@]}"
 fi
 if [ "${#STYLES[@]}" -gt 0 ]; then
     DROPLETS=()

@@ -200,6 +200,10 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
         assert zoo.get(name).training["init_from"] == name
         assert zoo.get(name).training["lineage"][-1]["sha256"] == shipped.get(name).sha256
     assert "Set5" in x4.metrics["sr"]["sets"]  # evaluated after the import
+    # in fp32, as the shipped numbers are, so each factor's default is chosen among all four
+    assert x4.metrics["sr"]["protocol"]["lpips"] == "vgg (fp32)"
+    assert {f: zoo.get(n).factor for f, n in zoo.default_upscalers.items()} == {4: 4, 8: 8}
+    assert "default upscaler x8: " in run.stderr
     assert (docs / "eval_sr_gpu.md").read_text().count("x4") >= 1
     assert (docs / "gallery_styles.jpg").exists() and (docs / "gallery_sr.jpg").exists()
     assert (tiny_zoo / "thumbnails" / "stripes.jpg").exists()  # the public slot's thumbnail
