@@ -5,7 +5,6 @@ by the API (with ``X-Model`` saying which), ``GET /styles``, the client's comman
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.test_e2e_serving import (
     image_array,
     png_bytes,
     reference,
+    stack_on_a_zoo_copy,
 )
 from worker import apply
 
@@ -114,14 +114,16 @@ def stack(
     redis_instance: Any, tiny_zoo_template: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """A stack on its own zoo: the tiny zoo plus ``x4_pixel``, the default for x4."""
-    zoo = tmp_path_factory.mktemp("default-zoo")
-    shutil.copytree(tiny_zoo_template, zoo, dirs_exist_ok=True)
-    add_tiny_pixel_sr(zoo, seed=3)
-    manifest = read_manifest(zoo)
-    manifest.default_upscalers = {4: "x4_pixel"}
-    write_manifest(manifest, zoo)
-    logs = tmp_path_factory.mktemp("default-logs")
-    with Stack(redis_instance.url, zoo, "default", logs).running() as service:
+
+    def add_the_default(zoo: Path) -> None:
+        add_tiny_pixel_sr(zoo, seed=3)
+        manifest = read_manifest(zoo)
+        manifest.default_upscalers = {4: "x4_pixel"}
+        write_manifest(manifest, zoo)
+
+    with stack_on_a_zoo_copy(
+        redis_instance.url, tiny_zoo_template, tmp_path_factory, "default", add_the_default
+    ) as service:
         yield service
 
 

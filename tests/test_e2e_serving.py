@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -142,6 +143,24 @@ class Stack:
             yield self
         finally:
             self.stop()
+
+
+@contextmanager
+def stack_on_a_zoo_copy(
+    redis_url: str,
+    template: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    prefix: str,
+    prepare: Callable[[Path], None],
+) -> Iterator[Stack]:
+    """A running stack on its own copy of the tiny zoo, which ``prepare`` changes first (the
+    session's template is shared by the other stacks and must stay as it is)."""
+    zoo = tmp_path_factory.mktemp(f"{prefix}-zoo")
+    shutil.copytree(template, zoo, dirs_exist_ok=True)
+    prepare(zoo)
+    logs = tmp_path_factory.mktemp(f"{prefix}-logs")
+    with Stack(redis_url, zoo, prefix, logs).running() as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

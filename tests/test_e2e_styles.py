@@ -7,7 +7,6 @@ every answer must be what the plain fp32 reference path gives for the same style
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,14 @@ from model_zoo.reference import run_model
 from model_zoo.registry import load_model
 
 from .conftest import add_tiny_multistyle
-from .test_e2e_serving import Stack, assert_close, decode, image_array, post_image
+from .test_e2e_serving import (
+    Stack,
+    assert_close,
+    decode,
+    image_array,
+    post_image,
+    stack_on_a_zoo_copy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +38,9 @@ pytestmark = pytest.mark.slow
 def stack(
     redis_instance: Any, tiny_zoo_template: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    zoo = tmp_path_factory.mktemp("multi-zoo")
-    shutil.copytree(tiny_zoo_template, zoo, dirs_exist_ok=True)
-    add_tiny_multistyle(zoo)
-    logs = tmp_path_factory.mktemp("styles-logs")
-    with Stack(redis_instance.url, zoo, "styles", logs).running() as service:
+    with stack_on_a_zoo_copy(
+        redis_instance.url, tiny_zoo_template, tmp_path_factory, "styles", add_tiny_multistyle
+    ) as service:
         yield service
 
 
