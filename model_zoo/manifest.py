@@ -157,6 +157,10 @@ class Manifest(BaseModel):
         """The model name ``/upscale?factor=F`` serves when none is named."""
         return self.default_upscalers.get(factor, f"x{factor}")
 
+    def is_default_upscaler(self, entry: ModelEntry) -> bool:
+        """Whether ``entry`` is what its factor serves when a request names no model."""
+        return entry.kind == "sr" and entry.name == self.default_upscaler(entry.factor or 0)
+
     @model_validator(mode="after")
     def _style_names_are_unique(self) -> Manifest:
         seen: dict[str, str] = {}

@@ -80,7 +80,8 @@ class ModelCatalog:
     def upscaler(self, factor: int, name: str | None = None) -> ModelEntry:
         """The SR model for ``factor``: ``name`` if given, else the zoo's default for it
         (``Manifest.default_upscaler``: the measured best, else ``x{factor}``)."""
-        entry = self._get(name or self.manifest().default_upscaler(factor), "sr")
+        manifest = self.manifest()  # one snapshot: the default and its entry agree
+        entry = self._get(name or manifest.default_upscaler(factor), "sr", manifest)
         if entry.factor != factor:
             raise ModelMismatchError(
                 f"model {entry.name!r} upscales by {entry.factor}, not by {factor}"
@@ -90,8 +91,8 @@ class ModelCatalog:
     def thumbnail_path(self, style: str) -> Path:
         return thumbnail_path(self.root, style)
 
-    def _get(self, name: str, kind: str) -> ModelEntry:
-        manifest = self.manifest()
+    def _get(self, name: str, kind: str, manifest: Manifest | None = None) -> ModelEntry:
+        manifest = manifest or self.manifest()
         for entry in manifest.models:
             if entry.name == name and entry.kind == kind:
                 return entry
@@ -128,7 +129,7 @@ class ModelCatalog:
         return {
             "styles": styles,
             "upscalers": [
-                public_entry(m) | {"default": m.name == manifest.default_upscaler(m.factor or 0)}
+                public_entry(m) | {"default": manifest.is_default_upscaler(m)}
                 for m in manifest.models
                 if m.kind == "sr"
             ],

@@ -49,8 +49,7 @@ def list_zoo(zoo: str | None) -> str:
     lines.append("upscalers:")
     for entry in manifest.models:
         if entry.kind == "sr":
-            default = entry.name == manifest.default_upscaler(entry.factor or 0)
-            mark = f", default for x{entry.factor}" if default else ""
+            mark = f", default for x{entry.factor}" if manifest.is_default_upscaler(entry) else ""
             lines.append(f"  {entry.name:20s} x{entry.factor} ({entry.loss} loss{mark})")
     return "\n".join(lines)
 
