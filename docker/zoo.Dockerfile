@@ -2,7 +2,7 @@
 # The model zoo as an image of its own, for Kubernetes (deploy/k8s): an init container copies
 # /zoo into the pod's zoo volume, which the API and the worker mount read-only at
 # MODEL_ZOO_DIR. Models then ship without rebuilding the code images (the worker's is ~5 GB of
-# CUDA and torch; this one is the weights, ~50 MB), and a new zoo is a new tag rolled out like
+# CUDA and torch; this one is the weights, under 4 MB), and a new zoo is a new tag rolled out like
 # any image: README, "Kubernetes".
 #   docker build -f docker/zoo.Dockerfile -t imgsvc-zoo:2026-11-30 .
 FROM busybox:1.36.1
