@@ -81,8 +81,12 @@ READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 120.0
 # A rewrite of docs/web_page.png only when the page looks different, not when a timing changed.
 SCREENSHOT_CHANGED_FRACTION = 0.01
-SCREENSHOT_TOLERANCE = 12
-"""Largest difference (8-bit levels) of a 4x4-averaged pixel that is still dither."""
+SCREENSHOT_TOLERANCE = 32
+"""Largest difference (8-bit levels) of a 4x4-averaged pixel that is still dither. The stylised
+result differs a little between machines (oneDNN picks kernels by CPU), which changes the
+256-colour palette and so the dither of the whole picture: at 12 levels two CI runs of an
+unchanged page differed in 2.3 % of the blocks and rewrote the file every time; at 32, 0.3 %,
+while a layout moved by 20 px changes 19 %."""
 
 
 @pytest.fixture(scope="module")
