@@ -81,7 +81,7 @@ class ModelCatalog:
         """The SR model for ``factor``: ``name`` if given, else the zoo's default for it
         (``Manifest.default_upscaler``: the measured best, else ``x{factor}``)."""
         manifest = self.manifest()  # one snapshot: the default and its entry agree
-        entry = self._get(name or manifest.default_upscaler(factor), "sr", manifest)
+        entry = self._get(manifest, name or manifest.default_upscaler(factor), "sr")
         if entry.factor != factor:
             raise ModelMismatchError(
                 f"model {entry.name!r} upscales by {entry.factor}, not by {factor}"
@@ -91,8 +91,8 @@ class ModelCatalog:
     def thumbnail_path(self, style: str) -> Path:
         return thumbnail_path(self.root, style)
 
-    def _get(self, name: str, kind: str, manifest: Manifest | None = None) -> ModelEntry:
-        manifest = manifest or self.manifest()
+    @staticmethod
+    def _get(manifest: Manifest, name: str, kind: str) -> ModelEntry:
         for entry in manifest.models:
             if entry.name == name and entry.kind == kind:
                 return entry

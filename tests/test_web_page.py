@@ -84,9 +84,9 @@ SCREENSHOT_CHANGED_FRACTION = 0.01
 SCREENSHOT_TOLERANCE = 32
 """Largest difference (8-bit levels) of a 4x4-averaged pixel that is still dither. The stylised
 result differs a little between machines (oneDNN picks kernels by CPU), which changes the
-256-colour palette and so the dither of the whole picture: at 12 levels two CI runs of an
-unchanged page differed in 2.3 % of the blocks and rewrote the file every time; at 32, 0.3 %,
-while a layout moved by 20 px changes 19 %."""
+256-colour palette and so the dither of the whole picture: at 12 levels the committed picture
+and a run of the unchanged page on another machine differed in 2.3 % of the blocks (the file
+was rewritten every time); at 32, 0.3 %, while a layout moved by 20 px changes 19 %."""
 
 
 @pytest.fixture(scope="module")
