@@ -186,6 +186,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 # --- running ---------------------------------------------------------------------------------
 
 
+def upscaler_name(args: argparse.Namespace, catalog: Catalog) -> str:
+    """The model an upscale runs: ``--model``, else the service's default for the factor, read
+    once from the catalog so the outputs' names and the model that made them cannot differ
+    (the default can change on the service while a batch runs)."""
+    return args.model or catalog.default_upscaler(args.factor)
+
+
 def check_names(args: argparse.Namespace, catalog: Catalog) -> None:
     """Unknown names fail before any upload, with the names that exist."""
     if args.command == "stylize":
@@ -196,7 +203,7 @@ def check_names(args: argparse.Namespace, catalog: Catalog) -> None:
                 f"unknown style {', '.join(unknown)}; available: {', '.join(catalog.style_names)}"
             )
     else:
-        model = args.model or catalog.default_upscaler(args.factor)
+        model = upscaler_name(args, catalog)
         names = catalog.upscaler_names(args.factor)
         if model not in names:
             raise UsageError(
@@ -218,12 +225,14 @@ def submitter(args: argparse.Namespace, catalog: Catalog) -> tuple[Submit, str]:
 
         return submit_style, args.style or "+".join(mix_names(args.mix))
 
+    model = upscaler_name(args, catalog)
+
     async def submit_upscale(client: AsyncClient, data: bytes, name: str) -> Job:
         return await client.submit_upscale(
-            data, args.factor, model=args.model, output_format=args.format, filename=name
+            data, args.factor, model=model, output_format=args.format, filename=name
         )
 
-    return submit_upscale, args.model or catalog.default_upscaler(args.factor)
+    return submit_upscale, model
 
 
 async def run_batch(args: argparse.Namespace, client: AsyncClient) -> int:

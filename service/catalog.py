@@ -81,7 +81,11 @@ class ModelCatalog:
         """The SR model for ``factor``: ``name`` if given, else the zoo's default for it
         (``Manifest.default_upscaler``: the measured best, else ``x{factor}``)."""
         manifest = self.manifest()  # one snapshot: the default and its entry agree
-        entry = self._get(manifest, name or manifest.default_upscaler(factor), "sr")
+        name = name or manifest.default_upscaler(factor)
+        entry = next((m for m in manifest.models if m.name == name and m.kind == "sr"), None)
+        if entry is None:  # offer only what this factor could use instead
+            available = [m.name for m in manifest.models if m.kind == "sr" and m.factor == factor]
+            raise UnknownModelError(name, "sr", available)
         if entry.factor != factor:
             raise ModelMismatchError(
                 f"model {entry.name!r} upscales by {entry.factor}, not by {factor}"
@@ -90,13 +94,6 @@ class ModelCatalog:
 
     def thumbnail_path(self, style: str) -> Path:
         return thumbnail_path(self.root, style)
-
-    @staticmethod
-    def _get(manifest: Manifest, name: str, kind: str) -> ModelEntry:
-        for entry in manifest.models:
-            if entry.name == name and entry.kind == kind:
-                return entry
-        raise UnknownModelError(name, kind, manifest.names(kind))
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
         """Public view of the zoo for ``GET /styles``: every style a request may name (with the

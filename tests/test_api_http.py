@@ -295,6 +295,8 @@ BAD_UPLOADS = [
      422, "model_kind_mismatch"),
     ("x4 model asked for 8", "/upscale?factor=8&model=x4", {"files": multipart(png())},
      422, "model_factor_mismatch"),
+    ("unknown upscaler", "/upscale?factor=4&model=nope", {"files": multipart(png())},
+     404, "unknown_model"),
     ("unknown output format", "/stylize?style=mosaic&format=gif", {"files": multipart(png())},
      422, "invalid_request"),
     ("unknown mode", "/stylize?style=mosaic&mode=later", {"files": multipart(png())},
@@ -317,6 +319,9 @@ def test_bad_input_is_a_clear_4xx(
         assert "mosaic" in str(body["detail"])
     if code == "invalid_factor":
         assert body["factors"] == [4, 8]
+    if code == "unknown_model":  # only what this factor could use instead (x8 cannot)
+        assert body["models"] == ["x4"]
+        assert "available: x4" in str(body["detail"])
     assert stream_length(api) == 0  # nothing was queued for a worker
 
 

@@ -21,6 +21,8 @@ from model_zoo.registry import load_model, sha256_file
 from model_zoo.styles import resolve_style
 from training import cli as train
 from training.data import ImageFolderCrops, degrade
+from training.gpu.fastloop import train_stage
+from training.schedule import check_milestones, lr_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +157,42 @@ def test_resume_continues_from_checkpoint(photo_dir: Path, tmp_path: Path) -> No
     ]
     history = json.loads((runs / "x4" / "checkpoint.json").read_text())["history"]
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+
+
+def test_lr_schedule_warms_up_then_drops_at_each_milestone() -> None:
+    scales = [lr_scale(i, warmup=2, milestones=(3, 5), gamma=0.5) for i in range(7)]
+    assert scales == [0.5, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert [lr_scale(i, 0, (), 0.1) for i in (0, 10_000)] == [1.0, 1.0]
+    for milestones, gamma in [((3, 2), 0.5), ((2, 2), 0.5), ((0,), 0.5), ((2,), 0.0), ((2,), 2)]:
+        with pytest.raises(ValueError, match="--lr-"):
+            check_milestones(milestones, gamma)
+
+
+def test_milestones_lower_the_lr_of_a_run_and_of_its_resume(
+    photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The rate the optimizer used is what the checkpoint says; a resume lands on the same
+    schedule (it is a function of the iteration), and the manifest records it."""
+    args = _sr_args(photo_dir, tmp_path, "x4", "--loss", "pixel", "--lr", "1e-2",
+                    "--lr-milestones", "2", "3", "--lr-gamma", "0.5")  # fmt: skip
+    meta = tmp_path / "runs" / "x4" / "checkpoint.json"
+    run([*args, "--iterations", "2"])
+    assert json.loads(meta.read_text())["lr"] == 1e-2  # the step to iteration 2: none passed
+    run([*args, "--iterations", "4", "--resume"])
+    assert json.loads(meta.read_text())["lr"] == 2.5e-3  # both milestones passed
+    entry = read_manifest(tmp_path / "zoo").get("x4")
+    assert entry.training["lr_milestones"] == [2, 3] and entry.training["lr_gamma"] == 0.5
+    assert entry.training["phases"][0]["lr_milestones"] == [2, 3]
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything is read
+        train.main(_sr_args(photo_dir, tmp_path, "bad", "--lr-milestones", "5", "3"))
+    assert exit_info.value.code == 2 and "--lr-milestones must increase" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "bad").exists()
+    # The GPU campaign's loop replays one captured lr: it refuses milestones outright.
+    gpu_args = train.build_parser().parse_args(
+        _sr_args(photo_dir, tmp_path, "x4g", "--lr-milestones", "9")
+    )
+    with pytest.raises(ValueError, match="--lr-milestones is for the iteration-bound trainer"):
+        train_stage(train.settings_from_args(gpu_args), None, None)  # type: ignore[arg-type]
 
 
 def test_a_weight_average_is_exported_and_continued_on_resume(

@@ -24,6 +24,9 @@ class RunState:
     elapsed_s: float = 0.0
     """Training time of the sessions before this one (the checkpoint's total at resume)."""
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    lr: float | None = None
+    """The base learning rate of the last step (after warm-up and milestones), so whoever
+    looks at a live run's checkpoint sees where its schedule stands."""
     init_from: str | None = None
     """The zoo model the run started from: a ``--resume`` need not repeat ``--init-from``, and
     the exported entry must still name its parent (session 13's resumed fine-tune lost it)."""
@@ -67,6 +70,7 @@ def save_checkpoint(
         "phases": state.phases,
         "history": state.history,
         "elapsed_s": elapsed_s,
+        "lr": state.lr,
         "lineage": state.lineage,
         "init_from": state.init_from,
     }

@@ -15,6 +15,7 @@ import sys
 
 from model_zoo.hardware import PRECISIONS
 from training.loop import train
+from training.schedule import check_milestones
 from training.settings import TrainSettings
 from training.tasks import TASKS
 
@@ -64,6 +65,17 @@ def _common(parser: argparse.ArgumentParser, size: int, iterations: int) -> None
         "--warmup", type=int, default=0, help="linear lr warm-up iterations (0: off)"
     )
     parser.add_argument(
+        "--lr-milestones",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="ITERATION",
+        help="multiply the lr by --lr-gamma from each of these iterations on, e.g. 2000 4000",
+    )
+    parser.add_argument(
+        "--lr-gamma", type=float, default=0.1, help="the lr's factor at each milestone"
+    )
+    parser.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -93,7 +105,13 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_milestones(args.lr_milestones, args.lr_gamma)
+    except ValueError as exc:
+        parser.error(str(exc))  # exit 2 with the usage, before the loss network is read
+    settings = settings_from_args(args)
     entry = train(settings)
     print(json.dumps({"name": entry.name, "iterations": entry.iterations, "sha256": entry.sha256}))
     return 0

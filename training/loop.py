@@ -27,6 +27,7 @@ from training.averaging import WeightAverage, exported
 from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
 from training.data import ImageFolderCrops, InfiniteSampler
 from training.report import save_loss_curve
+from training.schedule import check_milestones, lr_at
 from training.settings import RUNTIME_ONLY, TrainSettings
 from training.tasks import TASKS, TrainingTask
 from training.vgg import VGG16Features
@@ -94,6 +95,7 @@ def start_run(task: TrainingTask, device: torch.device) -> tuple[nn.Module, RunS
 def train(settings: TrainSettings) -> registry.ModelEntry:
     """Run (or resume) one training run and write the model into the zoo."""
     task = task_for(settings)
+    check_milestones(settings.lr_milestones, settings.lr_gamma)
     torch.manual_seed(settings.seed)
     compute = resolve_compute(settings.device, settings.precision, cuda_precision="bf16")
     device = compute.device
@@ -162,10 +164,9 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 loss, terms = task.loss(net, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if settings.warmup:
-                warm = min(1.0, (state.iteration + 1) / settings.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * group["lr_scale"] * warm
+            state.lr = lr_at(settings, state.iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr * group["lr_scale"]
             if settings.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
@@ -183,7 +184,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
             if state.iteration % settings.log_every == 0 or state.iteration == settings.iterations:
                 bar.set_postfix(
                     {k: f"{v:.3g}" for k, v in terms.items()}
-                    | {"img/s": f"{settings.batch_size / step_time:.2f}"}
+                    | {"lr": f"{state.lr:.2g}", "img/s": f"{settings.batch_size / step_time:.2f}"}
                 )
             if state.iteration % settings.checkpoint_every == 0:
                 save_checkpoint(checkpoint, net, optimizer, state, elapsed(), kept)

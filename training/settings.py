@@ -39,6 +39,10 @@ class TrainSettings:
     """Clip the gradient's global norm to this (0: off)."""
     warmup: int = 0
     """Linear learning-rate warm-up over this many iterations (0: off)."""
+    lr_milestones: tuple[int, ...] = ()
+    """Iterations from which the learning rate is multiplied by ``lr_gamma`` once more
+    (``training.schedule``; empty: a constant rate after the warm-up)."""
+    lr_gamma: float = 0.1
     ema_decay: float = 0.0
     """Export an exponential moving average of the weights (and BN statistics) with this decay
     per step instead of the last step's weights (0: off; ``training.averaging``)."""

@@ -53,6 +53,7 @@ from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
 from training.loop import _record_phase, export, start_run, task_for, write_run_report
+from training.schedule import lr_at
 from training.settings import TrainSettings
 from training.vgg import VGG16Features
 
@@ -170,6 +171,8 @@ def train_stage(
     stage whose process was killed). ``photos`` / ``vgg_state`` let stages share what the pack
     decoded once.
     """
+    if settings.lr_milestones:  # the captured graph holds one lr; milestones would not apply
+        raise ValueError(f"{settings.name}: --lr-milestones is for the iteration-bound trainer")
     started = time.monotonic()
     deadline = started + options.budget_s
     report = StageReport(settings.name, settings.task)
@@ -246,9 +249,9 @@ def train_stage(
 
     def eager_step() -> None:
         if settings.warmup:
-            warm = min(1.0, (state.iteration + 1) / settings.warmup)
+            state.lr = lr_at(settings, state.iteration)
             for group in optimizer.param_groups:
-                group["lr"] = settings.lr * group["lr_scale"] * warm
+                group["lr"] = state.lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         body()
 

@@ -58,6 +58,8 @@ class TrainingTask(ABC, Generic[S]):
         """Build the settings from parsed options; ``tv_weight`` None means the task default."""
         if values.get("tv_weight") is None:
             values.pop("tv_weight", None)
+        if "lr_milestones" in values:  # argparse gives a list; the settings are immutable
+            values["lr_milestones"] = tuple(values["lr_milestones"])
         return cls.settings_type(**values)
 
     # ------------------------------------------------------------------ the model
@@ -119,6 +121,8 @@ class TrainingTask(ABC, Generic[S]):
             phase["grad_clip"] = s.grad_clip
         if s.warmup:
             phase["warmup"] = s.warmup
+        if s.lr_milestones:
+            phase |= {"lr_milestones": list(s.lr_milestones), "lr_gamma": s.lr_gamma}
         if s.ema_decay:
             phase["ema_decay"] = s.ema_decay
         return phase

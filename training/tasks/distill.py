@@ -117,6 +117,11 @@ class DistillTask(MultiStyleTask):
                 "saturation_limit": s.saturation_limit,
             }
             | ({"warmup": s.warmup} if s.warmup else {})
+            | (
+                {"lr_milestones": list(s.lr_milestones), "lr_gamma": s.lr_gamma}
+                if s.lr_milestones
+                else {}
+            )
             | ({"ema_decay": s.ema_decay} if s.ema_decay else {})
         )
 
