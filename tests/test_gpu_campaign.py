@@ -435,6 +435,7 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     assert summary["models"]["x4_pixel"]["it_per_s"] == second.it_per_s
     state = RunState(**json.loads((run / "checkpoint.json").read_text()))
     assert state.iteration == second.iteration
+    assert state.lr is not None and 0 < state.lr <= 5e-5  # the resumed rate (or its warm-up)
 
     # A fresh machine: the checkpoints come back from the tars and the stage resumes there.
     fresh = tmp_path / "fresh"

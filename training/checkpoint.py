@@ -122,6 +122,7 @@ def load_checkpoint(
         history=list(meta["history"]),
         phases=list(meta.get("phases", [])),
         elapsed_s=float(meta.get("elapsed_s", 0.0)),
+        lr=meta.get("lr"),  # an export that trains nothing keeps the rate it was trained at
         lineage=list(meta.get("lineage", [])),
         init_from=meta.get("init_from"),
     )

@@ -248,8 +248,8 @@ def train_stage(
         sums.add_(torch.stack([loss.detach(), *[t.detach().float() for t in terms]]))
 
     def eager_step() -> None:
+        state.lr = lr_at(settings, state.iteration)  # graph replays keep the last one
         if settings.warmup:
-            state.lr = lr_at(settings, state.iteration)
             for group in optimizer.param_groups:
                 group["lr"] = state.lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
