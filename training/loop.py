@@ -27,7 +27,7 @@ from training.averaging import WeightAverage, exported
 from training.checkpoint import RunState, StopRequested, load_checkpoint, save_checkpoint
 from training.data import ImageFolderCrops, InfiniteSampler
 from training.report import save_loss_curve
-from training.schedule import check_milestones, lr_at
+from training.schedule import apply_lr, check_milestones
 from training.settings import RUNTIME_ONLY, TrainSettings
 from training.tasks import TASKS, TrainingTask
 from training.vgg import VGG16Features
@@ -164,9 +164,7 @@ def train(settings: TrainSettings) -> registry.ModelEntry:
                 loss, terms = task.loss(net, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            state.lr = lr_at(settings, state.iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr * group["lr_scale"]
+            state.lr = apply_lr(optimizer, settings, state.iteration)
             if settings.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

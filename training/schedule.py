@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from training.settings import TrainSettings
 
 
@@ -34,9 +36,12 @@ def check_milestones(milestones: Sequence[int], gamma: float) -> None:
         raise ValueError(f"--lr-gamma must lie in (0, 1], not {gamma}")
 
 
-def lr_at(settings: TrainSettings, iteration: int) -> float:
-    """The base learning rate of the step that makes iteration ``iteration + 1`` (each
-    parameter group multiplies it by its own ``lr_scale``)."""
-    return settings.lr * lr_scale(
+def apply_lr(optimizer: torch.optim.Optimizer, settings: TrainSettings, iteration: int) -> float:
+    """Set every parameter group's rate for the step that makes iteration ``iteration + 1``
+    (the schedule's base rate times the group's own ``lr_scale``); returns the base rate."""
+    base = settings.lr * lr_scale(
         iteration, settings.warmup, settings.lr_milestones, settings.lr_gamma
     )
+    for group in optimizer.param_groups:
+        group["lr"] = base * group["lr_scale"]
+    return base

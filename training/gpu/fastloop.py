@@ -53,7 +53,7 @@ from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
 from training.loop import _record_phase, export, start_run, task_for, write_run_report
-from training.schedule import lr_at
+from training.schedule import apply_lr
 from training.settings import TrainSettings
 from training.vgg import VGG16Features
 
@@ -248,10 +248,7 @@ def train_stage(
         sums.add_(torch.stack([loss.detach(), *[t.detach().float() for t in terms]]))
 
     def eager_step() -> None:
-        state.lr = lr_at(settings, state.iteration)  # graph replays keep the last one
-        if settings.warmup:
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr * group["lr_scale"]
+        state.lr = apply_lr(optimizer, settings, state.iteration)  # graph replays keep it
         optimizer.zero_grad(set_to_none=True)
         body()
 
