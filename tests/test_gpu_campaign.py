@@ -14,6 +14,7 @@ import subprocess
 import tarfile
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,7 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     # other slots than the tiny pack's styles, so the teacher recipe trains one from nothing.
     assert f"continuing x4_pixel, x4, x8_pixel, x8 from {ROOT / 'model_zoo'}" in log
     assert "multistyle: the teacher recipe" in log
+    assert "lr decay: x0.3 at 60%, 85% of each stage's training time" in log  # the defaults
 
     # The audit: both GPU-side processes ran under it, saw the real imports, and everything the
     # repository's modules imported is on the GPU image or travels as a wheel.
@@ -443,6 +445,52 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
     settings = campaign.stage_settings(stage, fresh, pack, "cpu", ["--batch-size", "1"])
     third = train_stage(settings, pack, StageOptions(budget_s=1, reserve_s=1, log_every=1))
     assert third.start_iteration == second.iteration < third.iteration
+
+
+def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
+    pack: Pack, tmp_path: Path
+) -> None:
+    """The budget decay: lower rates from 30 % and 60 % of the training time, the rate the
+    last steps used in the checkpoint, and the plan and the iterations in the manifest's phase;
+    a second command restarts at the base rate as a phase of its own."""
+    stage = next(s for s in campaign.default_stages(pack, dry_run=True) if s.name == "x4_pixel")
+    settings = campaign.stage_settings(
+        stage, tmp_path, pack, "cpu", ["--batch-size", "1", "--lr", "1e-3"]
+    )
+    options = StageOptions(
+        budget_s=8, reserve_s=1, log_every=1, profile_s=0, lr_decay_at=(0.3, 0.6),
+        lr_decay_gamma=0.5,
+    )  # fmt: skip
+    first = train_stage(settings, pack, options)
+    assert [d["lr"] for d in first.lr_decays] == pytest.approx([5e-4, 2.5e-4])
+    decayed_at = [int(d["iteration"]) for d in first.lr_decays]
+    assert first.start_iteration < decayed_at[0] < decayed_at[1] < first.iteration
+    assert "; lr 0.0005 from it " in first.line() and "; lr 0.00025 from it " in first.line()
+    run = tmp_path / "runs" / "x4_pixel"
+    assert json.loads((run / "checkpoint.json").read_text())["lr"] == pytest.approx(2.5e-4)
+    (phase,) = read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"]
+    assert phase["lr_decay_at"] == [0.3, 0.6] and phase["lr_decay_gamma"] == 0.5
+    assert phase["lr_decayed_at"] == decayed_at and phase["lr"] == 1e-3
+
+    second = train_stage(settings, pack, replace(options, budget_s=2, lr_decay_at=()))
+    assert second.lr_decays == [] and second.start_iteration == first.iteration
+    assert json.loads((run / "checkpoint.json").read_text())["lr"] == pytest.approx(1e-3)
+    phases = read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"]
+    assert [p["from_iteration"] for p in phases] == [0, first.iteration]
+    assert "lr_decay_at" not in phases[1]
+
+    # An export of the checkpoint (a killed stage's recovery) is no phase of its own.
+    train_stage(settings, pack, StageOptions(budget_s=0, count_flops=False))
+    assert read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"] == phases
+
+
+def test_the_campaign_refuses_a_decay_that_is_no_schedule(pack: Pack, tmp_path: Path) -> None:
+    argv = ["train", "--pack", str(pack.root), "--work", str(tmp_path), "--budget-s", "1"]
+    for bad in (["0.8", "0.5"], ["1.5"]):
+        with pytest.raises(SystemExit) as exit_:
+            campaign.main([*argv, "--lr-decay-at", *bad])
+        assert exit_.value.code == 2
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_gpu_loop_exports_the_weight_average_and_resumes_it(pack: Pack, tmp_path: Path) -> None:

@@ -22,7 +22,14 @@ from model_zoo.styles import resolve_style
 from training import cli as train
 from training.data import ImageFolderCrops, degrade
 from training.gpu.fastloop import train_stage
-from training.schedule import check_milestones, lr_scale
+from training.schedule import (
+    apply_lr,
+    budget_decay,
+    check_decay_fractions,
+    check_milestones,
+    lr_scale,
+)
+from training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,6 +173,40 @@ def test_lr_schedule_warms_up_then_drops_at_each_milestone() -> None:
     for milestones, gamma in [((3, 2), 0.5), ((2, 2), 0.5), ((0,), 0.5), ((2,), 0.0), ((2,), 2)]:
         with pytest.raises(ValueError, match="--lr-"):
             check_milestones(milestones, gamma)
+
+
+def test_budget_decay_steps_down_in_time_and_refuses_what_cannot_mean_a_schedule() -> None:
+    at = (0.6, 0.85)
+    assert [budget_decay(f, at, 0.5) for f in (0.0, 0.59, 0.6, 0.84, 0.85, 1.2)] == [
+        1.0, 1.0, 0.5, 0.5, 0.25, 0.25,
+    ]  # fmt: skip
+    assert budget_decay(0.99, (), 0.1) == 1.0
+    check_decay_fractions((), 0.3)
+    for fractions, gamma in [((0.9, 0.5), 0.3), ((0.5, 0.5), 0.3), ((0.0,), 0.3),
+                             ((1.0,), 0.3), ((0.5,), 0.0), ((0.5,), 1.5)]:  # fmt: skip
+        with pytest.raises(ValueError, match="--lr-decay-"):
+            check_decay_fractions(fractions, gamma)
+
+
+def test_a_rate_held_as_a_tensor_is_written_in_place_and_adam_follows_it() -> None:
+    """What lets a decay reach a captured CUDA graph: the optimizer keeps the very tensor (a
+    graph reads its memory), and the next step moves the weights at the new rate."""
+    settings = TrainSettings(task="sr", name="x4", data=".", image_size=32, lr=0.1)
+    weights = torch.nn.Parameter(torch.ones(8))
+    rate = torch.tensor(0.1)
+    optimizer = torch.optim.Adam([{"params": [weights], "lr": rate, "lr_scale": 0.5}], lr=0.1)
+    assert apply_lr(optimizer, settings, iteration=0, decay=0.0) == 0.0
+    assert optimizer.param_groups[0]["lr"] is rate and float(rate) == 0.0
+    weights.grad = torch.ones(8)
+    optimizer.step()
+    assert torch.equal(weights.detach(), torch.ones(8)), "a step at rate 0 moved the weights"
+    assert apply_lr(optimizer, settings, iteration=0, decay=0.3) == pytest.approx(0.03)
+    assert optimizer.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(0.015)
+    optimizer.step()  # Adam's first moves are the rate itself, whatever the gradient's size
+    assert torch.allclose(weights.detach(), torch.full((8,), 1 - 0.015), atol=1e-6)
+    floats = torch.optim.Adam([{"params": [weights], "lr": 1.0, "lr_scale": 2.0}], lr=1.0)
+    assert apply_lr(floats, settings, iteration=0, decay=0.5) == pytest.approx(0.05)
+    assert floats.param_groups[0]["lr"] == pytest.approx(0.1)  # the CPU trainer's floats
 
 
 def test_milestones_lower_the_lr_of_a_run_and_of_its_resume(

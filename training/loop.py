@@ -47,14 +47,15 @@ def _batches(loader: DataLoader[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield from loader
 
 
-def _record_phase(task: TrainingTask, state: RunState) -> None:
+def _record_phase(task: TrainingTask, state: RunState, extra: dict[str, Any] | None = None) -> None:
     """A resumed run may change weights or lr (a curriculum); each phase is recorded so the
-    manifest tells exactly how the shipped weights were trained."""
-    phase = {"from_iteration": state.iteration, **task.phase()}
+    manifest tells exactly how the shipped weights were trained. ``extra``: what the caller's
+    loop adds to the task's settings (the GPU stage's budget decay)."""
+    settings = task.phase() | (extra or {})
     last = {k: v for k, v in (state.phases[-1] if state.phases else {}).items()}
     last.pop("from_iteration", None)
-    if not state.phases or last != task.phase():
-        state.phases.append(phase)
+    if not state.phases or last != settings:
+        state.phases.append({"from_iteration": state.iteration, **settings})
 
 
 def start_run(task: TrainingTask, device: torch.device) -> tuple[nn.Module, RunState, Path, bool]:

@@ -5,6 +5,12 @@ without any scheduler state in the checkpoint. Step decay is there because the C
 showed that lowering the rate is what turns a plateau into progress: session 25's ``x4`` sat
 in Adam's noise for 2,000 steps at 1e-4 and improved within 500 steps at 3e-5. The milestones
 make that one declared run (recorded in the manifest) instead of a stop and a hand-made resume.
+
+The GPU campaign trains on a wall-clock budget, so it cannot know its iterations in advance:
+its stages decay at fractions of their time instead (:func:`budget_decay`). Its optimizer holds
+each rate as a one-element tensor on the device, which :func:`apply_lr` overwrites in place: a
+captured CUDA graph reads the rate from that memory on every replay, so a decay reaches steps
+the graph runs without any Python in between.
 """
 
 from __future__ import annotations
@@ -36,12 +42,41 @@ def check_milestones(milestones: Sequence[int], gamma: float) -> None:
         raise ValueError(f"--lr-gamma must lie in (0, 1], not {gamma}")
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, settings: TrainSettings, iteration: int) -> float:
+def budget_decay(fraction: float, decay_at: Sequence[float], gamma: float) -> float:
+    """The factor on the rate once ``fraction`` of a stage's training time has passed: ``gamma``
+    once more from each of ``decay_at`` on (step decay in time, for a budget-bound stage)."""
+    return gamma ** sum(fraction >= at for at in decay_at)
+
+
+def check_decay_fractions(decay_at: Sequence[float], gamma: float) -> None:
+    """Refuse a budget decay that cannot mean what was asked, before the lease's time is spent."""
+    if any(not 0.0 < at < 1.0 for at in decay_at):
+        raise ValueError(f"--lr-decay-at takes fractions in (0, 1), not {list(decay_at)}")
+    if list(decay_at) != sorted(set(decay_at)):
+        raise ValueError(f"--lr-decay-at must increase, not {list(decay_at)}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"--lr-decay-gamma must lie in (0, 1], not {gamma}")
+
+
+def apply_lr(
+    optimizer: torch.optim.Optimizer,
+    settings: TrainSettings,
+    iteration: int,
+    decay: float = 1.0,
+) -> float:
     """Set every parameter group's rate for the step that makes iteration ``iteration + 1``
-    (the schedule's base rate times the group's own ``lr_scale``); returns the base rate."""
-    base = settings.lr * lr_scale(
-        iteration, settings.warmup, settings.lr_milestones, settings.lr_gamma
+    (the schedule's base rate times ``decay`` times the group's own ``lr_scale``); returns the
+    base rate. A rate held as a tensor is written in place (module docstring), never
+    replaced: a CUDA graph captured with it keeps reading that tensor."""
+    base = (
+        decay
+        * settings.lr
+        * lr_scale(iteration, settings.warmup, settings.lr_milestones, settings.lr_gamma)
     )
     for group in optimizer.param_groups:
-        group["lr"] = base * group["lr_scale"]
+        rate = base * group["lr_scale"]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
     return base

@@ -69,12 +69,14 @@ from training.gpu.fastloop import (
     PROFILE_FILE,
     StageOptions,
     StageReport,
+    graph_ignores_rate_changes,
     read_stage,
     train_stage,
     write_stage,
 )
 from training.gpu.pack import Pack
 from training.loop import task_for
+from training.schedule import check_decay_fractions
 from training.settings import TrainSettings
 
 log = logging.getLogger("training.gpu.campaign")
@@ -288,6 +290,16 @@ def train(args: argparse.Namespace) -> int:
         "campaign on %s (%s; python %s, torch %s): %d stages, %.0f s",
         device, name, sys.version.split()[0], torch.__version__, len(stages), budget,
     )  # fmt: skip
+    decay_at = tuple(args.lr_decay_at)
+    if decay_at and device.type == "cuda" and not args.no_cuda_graphs:
+        reason = graph_ignores_rate_changes(device)
+        if reason:  # the graph is worth more than the decay: one rate, at full speed
+            log.warning("budget lr decay off: the CUDA graph would not follow it (%s)", reason)
+            decay_at = ()
+    log.info(
+        "lr decay: x%g at %s of each stage's training time", args.lr_decay_gamma,
+        ", ".join(f"{at:.0%}" for at in decay_at) or "none (one rate)",
+    )  # fmt: skip
     photos = pack.photos(device)
     vgg_state = pack.vgg_state_dict()
     log.info("pack decoded: %d photos, %.0f s", len(photos), time.monotonic() - started)
@@ -309,6 +321,8 @@ def train(args: argparse.Namespace) -> int:
             log_every=args.log_every,
             checkpoint_every_s=args.checkpoint_every_s,
             profile_s=args.profile_s,
+            lr_decay_at=decay_at,
+            lr_decay_gamma=args.lr_decay_gamma,
         )
         log.info("%s: %.0f s", stage.name, budget)
         try:
@@ -484,8 +498,23 @@ def main(argv: list[str] | None = None) -> int:
         help="per stage, for profiling its last steps into profile.txt (0: none)",
     )
     t.add_argument("--no-cuda-graphs", action="store_true")
+    t.add_argument(
+        "--lr-decay-at",
+        type=float,
+        nargs="*",
+        default=[0.6, 0.85],
+        metavar="F",
+        help="fractions of each stage's training time from which its rate is --lr-decay-gamma "
+        "times lower once more (none: one rate; training/schedule.py)",
+    )
+    t.add_argument("--lr-decay-gamma", type=float, default=0.3)
     sub.choices["export"].add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            check_decay_fractions(args.lr_decay_at, args.lr_decay_gamma)
+        except ValueError as exc:
+            parser.error(str(exc))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return train(args) if args.command == "train" else export(args)
 

@@ -17,6 +17,13 @@ What differs from ``training.loop.train`` (the CPU trainer, unchanged) and why:
   used: it compiles for about a minute per model and shape (README, "Performance"), a large
   share of a stage that is itself a few minutes long, and CUDA graphs already remove the
   overhead it would.
+- **The rate decays in time, not iterations.** ``StageOptions.lr_decay_at``: at those fractions
+  of the stage's training time the rate is multiplied by ``lr_decay_gamma`` (the CPU runs'
+  lesson: the drop is what turns a plateau into progress, ``training.schedule``). Each rate is a
+  one-element tensor on the device, overwritten in place, so a captured graph's fused Adam reads
+  the new rate on its next replay. Every command of a lease decays within its own budget, so
+  whatever it exports ends at the low rate; a resume starts at the base rate again (a warm
+  restart).
 - **FLOPs are counted once** (``torch.utils.flop_counter.FlopCounterMode`` on the first step), so
   the achieved TFLOP/s can be reported against the card's ~790 measured bf16 peak.
 - **The last steps are profiled** (``torch.profiler``, kernels included on CUDA): one replay of
@@ -53,7 +60,7 @@ from training.checkpoint import StopRequested, load_checkpoint, save_checkpoint
 from training.gpu.objective import objective_for
 from training.gpu.pack import Pack, ResidentPhotos
 from training.loop import _record_phase, export, start_run, task_for, write_run_report
-from training.schedule import apply_lr
+from training.schedule import apply_lr, budget_decay
 from training.settings import TrainSettings
 from training.vgg import VGG16Features
 
@@ -82,6 +89,10 @@ class StageOptions:
     profile_s: float = 4.0
     """Kept before the reserve for profiling the last steps (0: no profile). CUPTI's start-up
     is most of it on CUDA."""
+    lr_decay_at: tuple[float, ...] = ()
+    """Fractions of the stage's training time from which the rate is ``lr_decay_gamma`` times
+    lower once more (module docstring); empty: one rate (after the warm-up) throughout."""
+    lr_decay_gamma: float = 0.3
 
 
 @dataclass
@@ -113,6 +124,8 @@ class StageReport:
     """Per profiled step ("graph", "eager"): ``wall_ms`` (profiler on) and ``device_ms``, the
     time kernels ran (CUDA; 0 on a CPU). ``device_ms`` far below the step's time at full speed
     means launch-bound; close to it, the kernels themselves (``profile.txt`` names them)."""
+    lr_decays: list[dict[str, float]] = field(default_factory=list)
+    """Each budget decay taken: the iteration it applied from and the base rate from there."""
     stopped_by: str = ""
     final_losses: dict[str, float] = field(default_factory=dict)
     exported: bool = False
@@ -126,6 +139,7 @@ class StageReport:
             f"{self.image_size} px) {self.it_per_s:8.1f} it/s {self.images_per_s:9.1f} img/s "
             f"{self.tflops:7.3g} TFLOP/s ({100 * self.peak_fraction:.1f}% of "
             f"{H200_BF16_PEAK_TFLOPS:.0f}) {self.mode}"
+            + "".join(f"; lr {d['lr']:.2g} from it {d['iteration']:.0f}" for d in self.lr_decays)
             + "".join(
                 f"; {kind} step {p['wall_ms']:.1f} ms, device busy {p['device_ms']:.1f} ms"
                 for kind, p in self.profile.items()
@@ -171,8 +185,11 @@ def train_stage(
     stage whose process was killed). ``photos`` / ``vgg_state`` let stages share what the pack
     decoded once.
     """
-    if settings.lr_milestones:  # the captured graph holds one lr; milestones would not apply
-        raise ValueError(f"{settings.name}: --lr-milestones is for the iteration-bound trainer")
+    if settings.lr_milestones:  # a budget has no iteration count: it decays in time instead
+        raise ValueError(
+            f"{settings.name}: --lr-milestones is for the iteration-bound trainer "
+            "(a budget-bound stage decays in time: StageOptions.lr_decay_at)"
+        )
     started = time.monotonic()
     deadline = started + options.budget_s
     report = StageReport(settings.name, settings.task)
@@ -207,10 +224,14 @@ def train_stage(
     task.prepare(vgg, device)
     groups = task.param_groups(net)
     params = [p for group in groups for p in group["params"]]
-    # Fused Adam on CUDA, capturable so the graph can hold the optimizer step too.
+    # Fused Adam on CUDA, capturable so the graph can hold the optimizer step too; each rate a
+    # tensor on the device (module docstring: how a decay reaches the graph's replays).
     extra: dict[str, Any] = {"fused": True, "capturable": True} if cuda else {}
     optimizer = torch.optim.Adam(
-        [group | {"lr": settings.lr * group["lr_scale"]} for group in groups],
+        [
+            group | {"lr": torch.tensor(settings.lr * group["lr_scale"], device=device)}
+            for group in groups
+        ],
         lr=settings.lr,
         **extra,
     )
@@ -222,7 +243,13 @@ def train_stage(
         log.info("%s: resumed at iteration %d", settings.name, state.iteration)
     if average is not None:
         average.start_from(net)
-    _record_phase(task, state)
+    decay_plan = (
+        {"lr_decay_at": list(options.lr_decay_at), "lr_decay_gamma": options.lr_decay_gamma}
+        if options.lr_decay_at and options.budget_s > 0
+        else {}
+    )
+    if options.budget_s > 0:  # an export that trains nothing is no phase
+        _record_phase(task, state, decay_plan)
     report.start_iteration = report.iteration = state.iteration
     photos = photos if photos is not None else pack.photos(device)
     sample_photos = pack.sample_images()
@@ -247,10 +274,25 @@ def train_stage(
             average.update()  # no host read: the graph holds it too
         sums.add_(torch.stack([loss.detach(), *[t.detach().float() for t in terms]]))
 
+    decay = 1.0
+    """The budget decay's factor on the rate so far (``StageOptions.lr_decay_at``)."""
+
     def eager_step() -> None:
-        state.lr = apply_lr(optimizer, settings, state.iteration)  # graph replays keep it
+        state.lr = apply_lr(optimizer, settings, state.iteration, decay)  # replays keep it
         optimizer.zero_grad(set_to_none=True)
         body()
+
+    def decay_due() -> None:
+        """Lower the rate once the next decay's share of the training time has passed: written
+        into the rate tensors, so the graph's next replay and the next eager step use it."""
+        nonlocal decay
+        window = loop_deadline - train_started
+        fraction = (time.monotonic() - train_started) / window if window > 0 else 1.0
+        due = budget_decay(fraction, options.lr_decay_at, options.lr_decay_gamma)
+        if due < decay:
+            decay = due
+            state.lr = apply_lr(optimizer, settings, state.iteration, decay)
+            report.lr_decays.append({"iteration": state.iteration, "lr": state.lr})
 
     pending = 0
     last_checkpoint = time.monotonic()
@@ -315,6 +357,7 @@ def train_stage(
     profiling = options.profile_s > 0 and options.budget_s > 0
     loop_deadline = train_deadline - (options.profile_s if profiling else 0.0)
     report.setup_s = time.monotonic() - started
+    train_started = time.monotonic()
     stop_reason = "budget"
     with StopRequested() as stop:
 
@@ -354,6 +397,8 @@ def train_stage(
             timed.update(iteration=state.iteration, time=time.monotonic())
         step: Callable[[], None] = graph.replay if graph is not None else eager_step
         while running():
+            if options.lr_decay_at:
+                decay_due()
             step()
             after_steps(1)
         _synchronize(device)
@@ -368,6 +413,8 @@ def train_stage(
         flush()
     report.stopped_by = stop_reason if report.steps or options.budget_s > 0 else "export-only"
     del graph
+    if report.lr_decays:  # where this command's decays fell, with its phase
+        state.phases[-1]["lr_decayed_at"] = [int(d["iteration"]) for d in report.lr_decays]
     wall = elapsed()
     if not report.steps and state.iteration == 0:
         raise RuntimeError(f"{settings.name}: nothing trained (no checkpoint, no budget)")
@@ -390,6 +437,44 @@ def train_stage(
     _describe(settings, pack, report)
     write_stage(run_dir, report)
     return report
+
+
+def graph_ignores_rate_changes(device: torch.device) -> str:
+    """Why a captured fused-Adam step would not follow a rate written after capture ("" when it
+    does): one tiny graph replayed at rate 0 (nothing may move) and at rate 0.1 (all must).
+    Run once before a campaign decays under graphs: torch documents tensor rates for fused
+    capturable Adam, but a card, driver or torch build that drops them would otherwise train
+    its whole schedule at the first rate and report a decay that never happened."""
+    try:
+        param = torch.nn.Parameter(torch.ones(64, device=device))
+        rate = torch.tensor(0.1, device=device)
+        optimizer = torch.optim.Adam(
+            [{"params": [param], "lr": rate}], lr=0.1, fused=True, capturable=True
+        )
+        param.grad = torch.ones_like(param)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                optimizer.step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            optimizer.step()
+        before = param.detach().clone()
+        rate.fill_(0.0)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        if not torch.equal(param.detach(), before):
+            return "a replay at rate 0 still moved the weights"
+        rate.fill_(0.1)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        if torch.equal(param.detach(), before):
+            return "a replay at rate 0.1 did not move the weights"
+        return ""
+    except Exception as exc:  # any failure here means: keep the graph, skip the decay
+        return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _capture(
