@@ -30,7 +30,12 @@ from model_zoo.registry import load_model, save_model
 from training.checkpoint import RunState
 from training.cli import build_parser, settings_from_args
 from training.gpu import campaign, travel
-from training.gpu.fastloop import StageOptions, read_stage, train_stage
+from training.gpu.fastloop import (
+    StageOptions,
+    graph_ignores_rate_changes,
+    read_stage,
+    train_stage,
+)
 from training.gpu.imports import WHEELS, forbidden, missing_requirements
 from training.gpu.objective import objective_for
 from training.gpu.pack import (
@@ -125,6 +130,9 @@ def test_rehearsal_runs_the_campaign_and_the_import_end_to_end(
     assert f"continuing x4_pixel, x4, x8_pixel, x8 from {ROOT / 'model_zoo'}" in log
     assert "multistyle: the teacher recipe" in log
     assert "lr decay: x0.3 at 60%, 85% of each stage's training time" in log  # the defaults
+    decays = summary["models"]["x4"]["lr_decays"]  # from the shipped net's 1e-4
+    assert [d["lr"] for d in decays] == pytest.approx([3e-5, 9e-6]), decays
+    assert "; lr 3e-05 from it " in log
 
     # The audit: both GPU-side processes ran under it, saw the real imports, and everything the
     # repository's modules imported is on the GPU image or travels as a wheel.
@@ -482,6 +490,15 @@ def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
     # An export of the checkpoint (a killed stage's recovery) is no phase of its own.
     train_stage(settings, pack, StageOptions(budget_s=0, count_flops=False))
     assert read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"] == phases
+
+
+def test_the_graph_rate_check_reports_instead_of_raising_where_it_cannot_capture() -> None:
+    """Its contract with the campaign: a reason string (decay off, graph kept), never an
+    exception that would cost the lease. Without CUDA no graph can be captured at all."""
+    if torch.cuda.is_available():
+        assert graph_ignores_rate_changes(torch.device("cuda")) == ""
+    else:
+        assert graph_ignores_rate_changes(torch.device("cpu")) != ""
 
 
 def test_the_campaign_refuses_a_decay_that_is_no_schedule(pack: Pack, tmp_path: Path) -> None:

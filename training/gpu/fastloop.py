@@ -474,6 +474,10 @@ def graph_ignores_rate_changes(device: torch.device) -> str:
             return "a replay at rate 0.1 did not move the weights"
         return ""
     except Exception as exc:  # any failure here means: keep the graph, skip the decay
+        try:  # a capture that failed midway leaves the CUDA generator unusable (see there)
+            _reset_cuda_rng(device)
+        except Exception:
+            log.exception("resetting the CUDA generator after the rate check failed")
         return f"{type(exc).__name__}: {exc}"[:300]
 
 
