@@ -29,33 +29,40 @@ def lr_scale(iteration: int, warmup: int, milestones: Sequence[int], gamma: floa
     these iterations on, the rate is multiplied by ``gamma`` once more (torch's
     ``MultiStepLR`` semantics, counted in iterations)."""
     warm = min(1.0, (iteration + 1) / warmup) if warmup > 0 else 1.0
-    return warm * gamma ** sum(iteration >= m for m in milestones)
+    return warm * _step_decay(iteration, milestones, gamma)
+
+
+def _step_decay(position: float, boundaries: Sequence[float], gamma: float) -> float:
+    """``gamma`` once more from each boundary on: the step decay of both schedules."""
+    return gamma ** sum(position >= b for b in boundaries)
+
+
+def _check_steps(boundaries: Sequence[float], gamma: float, option: str, gamma_option: str) -> None:
+    """The refusals both schedules share: boundaries that do not increase, gamma off (0, 1]."""
+    if list(boundaries) != sorted(set(boundaries)):
+        raise ValueError(f"{option} must increase, not {list(boundaries)}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"{gamma_option} must lie in (0, 1], not {gamma}")
 
 
 def check_milestones(milestones: Sequence[int], gamma: float) -> None:
     """Refuse a schedule that cannot mean what was asked, before any step is spent."""
     if any(m <= 0 for m in milestones):
         raise ValueError(f"--lr-milestones must be positive iterations, not {list(milestones)}")
-    if list(milestones) != sorted(set(milestones)):
-        raise ValueError(f"--lr-milestones must increase, not {list(milestones)}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"--lr-gamma must lie in (0, 1], not {gamma}")
+    _check_steps(milestones, gamma, "--lr-milestones", "--lr-gamma")
 
 
 def budget_decay(fraction: float, decay_at: Sequence[float], gamma: float) -> float:
     """The factor on the rate once ``fraction`` of a stage's training time has passed: ``gamma``
     once more from each of ``decay_at`` on (step decay in time, for a budget-bound stage)."""
-    return gamma ** sum(fraction >= at for at in decay_at)
+    return _step_decay(fraction, decay_at, gamma)
 
 
 def check_decay_fractions(decay_at: Sequence[float], gamma: float) -> None:
     """Refuse a budget decay that cannot mean what was asked, before the lease's time is spent."""
     if any(not 0.0 < at < 1.0 for at in decay_at):
         raise ValueError(f"--lr-decay-at takes fractions in (0, 1), not {list(decay_at)}")
-    if list(decay_at) != sorted(set(decay_at)):
-        raise ValueError(f"--lr-decay-at must increase, not {list(decay_at)}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"--lr-decay-gamma must lie in (0, 1], not {gamma}")
+    _check_steps(decay_at, gamma, "--lr-decay-at", "--lr-decay-gamma")
 
 
 def apply_lr(

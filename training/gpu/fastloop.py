@@ -243,12 +243,12 @@ def train_stage(
         log.info("%s: resumed at iteration %d", settings.name, state.iteration)
     if average is not None:
         average.start_from(net)
-    decay_plan = (
-        {"lr_decay_at": list(options.lr_decay_at), "lr_decay_gamma": options.lr_decay_gamma}
-        if options.lr_decay_at and options.budget_s > 0
-        else {}
-    )
     if options.budget_s > 0:  # an export that trains nothing is no phase
+        decay_plan = (
+            {"lr_decay_at": list(options.lr_decay_at), "lr_decay_gamma": options.lr_decay_gamma}
+            if options.lr_decay_at
+            else {}
+        )
         _record_phase(task, state, decay_plan)
     report.start_iteration = report.iteration = state.iteration
     photos = photos if photos is not None else pack.photos(device)
@@ -286,7 +286,6 @@ def train_stage(
         """Lower the rate once the next decay's share of the training time has passed: written
         into the rate tensors, so the graph's next replay and the next eager step use it."""
         nonlocal decay
-        window = loop_deadline - train_started
         fraction = (time.monotonic() - train_started) / window if window > 0 else 1.0
         due = budget_decay(fraction, options.lr_decay_at, options.lr_decay_gamma)
         if due < decay:
@@ -358,6 +357,7 @@ def train_stage(
     loop_deadline = train_deadline - (options.profile_s if profiling else 0.0)
     report.setup_s = time.monotonic() - started
     train_started = time.monotonic()
+    window = loop_deadline - train_started  # the training time the decay's fractions divide
     stop_reason = "budget"
     with StopRequested() as stop:
 
