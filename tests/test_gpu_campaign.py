@@ -32,9 +32,11 @@ from training.cli import build_parser, settings_from_args
 from training.gpu import campaign, travel
 from training.gpu.fastloop import (
     StageOptions,
+    StageReport,
     graph_ignores_rate_changes,
     read_stage,
     train_stage,
+    write_stage,
 )
 from training.gpu.imports import WHEELS, forbidden, missing_requirements
 from training.gpu.objective import objective_for
@@ -458,7 +460,8 @@ def test_a_stage_resumes_and_a_killed_stage_is_exported_from_its_checkpoint(
 def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
     pack: Pack, tmp_path: Path
 ) -> None:
-    """The budget decay: lower rates from 30 % and 60 % of the training time, the rate the
+    """The budget decay: lower rates from 50 % and 75 % of the training time (late enough that
+    the first, slow steps of a loaded machine cannot reach both at once), the rate the
     last steps used in the checkpoint, and the plan and the iterations in the manifest's phase;
     a second command restarts at the base rate as a phase of its own."""
     stage = next(s for s in campaign.default_stages(pack, dry_run=True) if s.name == "x4_pixel")
@@ -466,7 +469,7 @@ def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
         stage, tmp_path, pack, "cpu", ["--batch-size", "1", "--lr", "1e-3"]
     )
     options = StageOptions(
-        budget_s=8, reserve_s=1, log_every=1, profile_s=0, lr_decay_at=(0.3, 0.6),
+        budget_s=12, reserve_s=1, log_every=1, profile_s=0, lr_decay_at=(0.5, 0.75),
         lr_decay_gamma=0.5,
     )  # fmt: skip
     first = train_stage(settings, pack, options)
@@ -474,10 +477,12 @@ def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
     decayed_at = [int(d["iteration"]) for d in first.lr_decays]
     assert first.start_iteration < decayed_at[0] < decayed_at[1] < first.iteration
     assert "; lr 0.0005 from it " in first.line() and "; lr 0.00025 from it " in first.line()
+    assert first.peak_memory_gib == first.device_memory_gib == 0  # a CPU has no GPU memory
+    assert "memory" not in first.line()
     run = tmp_path / "runs" / "x4_pixel"
     assert json.loads((run / "checkpoint.json").read_text())["lr"] == pytest.approx(2.5e-4)
     (phase,) = read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"]
-    assert phase["lr_decay_at"] == [0.3, 0.6] and phase["lr_decay_gamma"] == 0.5
+    assert phase["lr_decay_at"] == [0.5, 0.75] and phase["lr_decay_gamma"] == 0.5
     assert phase["lr_decayed_at"] == decayed_at and phase["lr"] == 1e-3
 
     second = train_stage(settings, pack, replace(options, budget_s=2, lr_decay_at=()))
@@ -490,6 +495,17 @@ def test_a_stage_decays_its_rate_at_fractions_of_its_time_and_records_where(
     # An export of the checkpoint (a killed stage's recovery) is no phase of its own.
     train_stage(settings, pack, StageOptions(budget_s=0, count_flops=False))
     assert read_manifest(tmp_path / "zoo").get("x4_pixel").training["phases"] == phases
+
+
+def test_the_speed_line_says_how_much_of_the_card_a_stage_held(tmp_path: Path) -> None:
+    """The H100 the tool may lend has 78 GiB against the H200's 139: each stage's line and
+    stage.json carry its peak, so a lease shows whether the batch fits the smaller card."""
+    report = StageReport("multistyle", "multistyle", peak_memory_gib=21.44, device_memory_gib=79.2)
+    assert report.line().endswith("; memory 21.4 of 79 GiB")
+    write_stage(tmp_path, report)
+    stored = read_stage(tmp_path)
+    assert stored is not None
+    assert (stored.peak_memory_gib, stored.device_memory_gib) == (21.44, 79.2)
 
 
 def test_the_graph_rate_check_reports_instead_of_raising_where_it_cannot_capture() -> None:

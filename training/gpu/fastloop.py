@@ -70,8 +70,9 @@ STAGE_FILE = "stage.json"
 """Per run folder: how the last session went (speed, mode, hardware), beside the checkpoint."""
 PROFILE_FILE = "profile.txt"
 """Per run folder: where the last steps' time went (module docstring); packed with the model."""
-H200_BF16_PEAK_TFLOPS = 790.0
-"""Dense bf16 matrix rate measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)."""
+BF16_PEAK_TFLOPS = 790.0
+"""Dense bf16 matrix rate measured on this workplace's GPUs (KINDS.md: 769-798 TFLOP/s on the
+H200, 798 on the H100: the same Hopper die and clocks, only the memory differs)."""
 
 
 @dataclass
@@ -118,6 +119,11 @@ class StageReport:
     flops_per_step: float = 0.0
     tflops: float = 0.0
     peak_fraction: float = 0.0
+    peak_memory_gib: float = 0.0
+    """The most GPU memory the stage's tensors held at once (torch's allocator, the pack's
+    resident photos included; 0 on a CPU): the H200 has 139 GiB, the H100 the tool may lend
+    instead 78, and this says whether a stage's batch fits the smaller card."""
+    device_memory_gib: float = 0.0
     mode: str = "eager"
     graph_error: str = ""
     profile: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -138,11 +144,16 @@ class StageReport:
             f"{self.name:<12} {self.iteration:>8} its ({self.steps} now, batch {self.batch_size}, "
             f"{self.image_size} px) {self.it_per_s:8.1f} it/s {self.images_per_s:9.1f} img/s "
             f"{self.tflops:7.3g} TFLOP/s ({100 * self.peak_fraction:.1f}% of "
-            f"{H200_BF16_PEAK_TFLOPS:.0f}) {self.mode}"
+            f"{BF16_PEAK_TFLOPS:.0f}) {self.mode}"
             + "".join(f"; lr {d['lr']:.2g} from it {d['iteration']:.0f}" for d in self.lr_decays)
             + "".join(
                 f"; {kind} step {p['wall_ms']:.1f} ms, device busy {p['device_ms']:.1f} ms"
                 for kind, p in self.profile.items()
+            )
+            + (
+                f"; memory {self.peak_memory_gib:.1f} of {self.device_memory_gib:.0f} GiB"
+                if self.device_memory_gib
+                else ""
             )
             + (f" ERROR {self.error}" if self.error else "")
         )
@@ -210,6 +221,8 @@ def train_stage(
         # own noise between batches.
         torch.backends.cuda.matmul.allow_tf32 = options.tf32
         torch.backends.cudnn.allow_tf32 = options.tf32
+        torch.cuda.reset_peak_memory_stats(device)  # stages share a process: each its own peak
+        report.device_memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
 
     torch.manual_seed(settings.seed)
     net, state, checkpoint, resuming = start_run(task, device)
@@ -303,8 +316,10 @@ def train_stage(
         report.iteration = state.iteration
 
     def measure() -> None:
-        """The report's counts and speed so far (call after a synchronisation)."""
+        """The report's counts, memory and speed so far (call after a synchronisation)."""
         count()
+        if cuda:
+            report.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
         if not timed:
             return
         report.timed_steps = int(state.iteration - timed["iteration"])
@@ -313,7 +328,7 @@ def train_stage(
             report.it_per_s = report.timed_steps / report.train_s
             report.images_per_s = report.it_per_s * settings.batch_size
             report.tflops = report.flops_per_step * report.it_per_s / 1e12
-            report.peak_fraction = report.tflops / H200_BF16_PEAK_TFLOPS
+            report.peak_fraction = report.tflops / BF16_PEAK_TFLOPS
 
     def checkpoint_now() -> None:
         """Checkpoint and stage.json (with the speed so far): what a killed stage leaves."""
